@@ -1,0 +1,3 @@
+from carsync_dagster.cli import main
+
+main()

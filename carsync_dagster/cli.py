@@ -1,0 +1,201 @@
+"""The `carsync` command (operations.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from carsync_dagster.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Keep a PostgreSQL warehouse of car listings in sync with the listings API.",
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+# Flags of the same name as the settings; there is deliberately no flag for API_KEY.
+ApiBaseUrl = Annotated[str | None, typer.Option("--api-base-url", help="API_BASE_URL")]
+DatabaseUrl = Annotated[str | None, typer.Option("--database-url", help="DATABASE_URL")]
+Schema = Annotated[str | None, typer.Option("--schema", help="CARSYNC_SCHEMA")]
+PageSize = Annotated[int | None, typer.Option("--page-size", help="CARSYNC_PAGE_SIZE")]
+PagesPerPartition = Annotated[
+    int | None, typer.Option("--pages-per-partition", help="CARSYNC_PAGES_PER_PARTITION")
+]
+Concurrency = Annotated[int | None, typer.Option("--concurrency", help="CARSYNC_CONCURRENCY")]
+Rps = Annotated[float | None, typer.Option("--rps", help="CARSYNC_RPS")]
+
+
+def _settings(**flags: object) -> Settings:
+    names = {
+        "api_base_url": "API_BASE_URL",
+        "database_url": "DATABASE_URL",
+        "schema": "CARSYNC_SCHEMA",
+        "page_size": "CARSYNC_PAGE_SIZE",
+        "pages_per_partition": "CARSYNC_PAGES_PER_PARTITION",
+        "concurrency": "CARSYNC_CONCURRENCY",
+        "rps": "CARSYNC_RPS",
+    }
+    try:
+        return load_settings(os.environ, {names[k]: v for k, v in flags.items()})
+    except SettingsError as error:
+        err.print(f"carsync: bad setting: {error}", markup=False)
+        raise typer.Exit(2) from None
+
+
+def _print_progress(row: dict[str, Any], started: float) -> None:
+    progress = (row.get("summary") or {}).get("progress") or {}
+    stage, done, total = (
+        progress.get("stage", "start"),
+        progress.get("done", 0),
+        progress.get("total", 0),
+    )
+    elapsed = max(time.perf_counter() - started, 1e-6)
+    pages, records = row.get("pages_done") or 0, row.get("records_done") or 0
+    unit = "pages" if stage == "fetch" else "partitions"
+    eta = ""
+    if stage == "fetch" and pages and total:
+        eta = f"  ETA {max(0.0, (total - done) / (pages / elapsed)):.0f}s"
+    err.print(
+        f"{stage:<9} {done}/{total} {unit}  {pages / elapsed:,.0f} pages/s  "
+        f"{records / elapsed:,.0f} rows/s{eta}",
+        markup=False,
+    )
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="carsync sync", show_header=True)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    return table
+
+
+@app.command()
+def sync(
+    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+    api_base_url: ApiBaseUrl = None,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+    page_size: PageSize = None,
+    pages_per_partition: PagesPerPartition = None,
+    concurrency: Concurrency = None,
+    rps: Rps = None,
+) -> None:
+    """Run one complete sync through Dagster."""
+    settings = _settings(
+        api_base_url=api_base_url,
+        database_url=database_url,
+        schema=schema,
+        page_size=page_size,
+        pages_per_partition=pages_per_partition,
+        concurrency=concurrency,
+        rps=rps,
+    )
+    from carsync_dagster.runner import SyncBusyError, open_environment, run_full_sync
+    from carsync_dagster.source.errors import ApiError
+
+    started = time.perf_counter()
+    try:
+        with open_environment(settings) as env:
+            outcome = run_full_sync(env, on_progress=lambda row: _print_progress(row, started))
+    except SyncBusyError as error:
+        err.print(f"carsync: {error}", markup=False)
+        raise typer.Exit(1) from None
+    except ApiError as error:
+        err.print(f"carsync: {error}", markup=False)
+        raise typer.Exit(1) from None
+    summary = {**outcome.summary, "seconds": round(time.perf_counter() - started, 2)}
+    if not outcome.success:
+        err.print(f"carsync: sync failed: {outcome.error}", markup=False)
+    if json_output:
+        print(json.dumps({**summary, "success": outcome.success}), flush=True)
+    else:
+        out.print(_summary_table(summary))
+    raise typer.Exit(0 if outcome.success else 1)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def simulate(ctx: typer.Context) -> None:
+    """Serve the bundled API simulator in the foreground (flags: carsync simulate --help)."""
+    from carsync_dagster.simulator.server import main as simulator_main
+
+    raise typer.Exit(simulator_main(list(ctx.args)))
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port of the Dagster webserver.")] = 3000,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Serve the Dagster UI and daemon on the carsync instance and database."""
+    settings = _settings()
+    from carsync_dagster.runner import open_environment
+
+    with open_environment(settings) as env:
+        err.print(f"carsync ui: http://{host}:{port} (Ctrl-C stops)", markup=False)
+        command = [
+            sys.executable, "-m", "dagster", "dev",
+            "-m", "carsync_dagster.definitions", "-h", host, "-p", str(port),
+        ]  # fmt: skip
+        process = subprocess.Popen(command, env={**os.environ, **env.env})
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:
+            process.terminate()
+            code = process.wait(timeout=30)
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """What the last syncs did, read from the warehouse."""
+    settings = _settings(database_url=database_url, schema=schema)
+    import psycopg
+
+    from carsync_dagster.runner import open_database
+    from carsync_dagster.warehouse import syncs
+
+    with open_database(settings) as url, psycopg.connect(url) as conn:
+        rows = syncs.recent_syncs(conn, settings.schema_name)
+    if json_output:
+        print(json.dumps(rows, default=str))
+        return
+    table = Table(title="carsync: recent syncs")
+    for column in ("started", "kind", "status", "seconds", "pages", "inserted", "updated", "error"):
+        table.add_column(column)
+    for row in rows:
+        summary = row.get("summary") or {}
+        finished = row["finished_at"]
+        table.add_row(
+            f"{row['started_at']:%Y-%m-%d %H:%M:%S}",
+            row["kind"],
+            row["status"],
+            f"{(finished - row['started_at']).total_seconds():.1f}" if finished else "",
+            str(summary.get("pages", row["pages_done"])),
+            str(summary.get("inserted", "")),
+            str(summary.get("updated", "")),
+            row["last_error"] or "",
+        )
+    out.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,16 @@
+"""The Dagster code location: one thin Definitions object."""
+
+from dagster import Definitions, EnvVar
+
+from carsync_dagster.orchestration.assets import cars, normalised, pages
+from carsync_dagster.orchestration.jobs import full_sync_job
+from carsync_dagster.orchestration.resources import ListingsApiResource, WarehouseResource
+
+defs = Definitions(
+    assets=[pages, normalised, cars],
+    jobs=[full_sync_job],
+    resources={
+        "api": ListingsApiResource(base_url=EnvVar("API_BASE_URL"), api_key=EnvVar("API_KEY")),
+        "warehouse": WarehouseResource(database_url=EnvVar("DATABASE_URL")),
+    },
+)

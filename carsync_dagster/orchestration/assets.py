@@ -1,0 +1,264 @@
+"""The sync's assets over page-range partitions: pages → normalised → cars.
+
+Each asset stores its own data (landing files, Parquet, the warehouse) and returns metadata.
+A range run gives every partition the same materialization metadata, so per-partition figures
+go into a table in that metadata and, for `cars`, into one observation per partition.
+"""
+
+
+import asyncio
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    AssetObservation,
+    BackfillPolicy,
+    MaterializeResult,
+    MetadataValue,
+    OpExecutionContext,
+    Out,
+    Output,
+    TableColumn,
+    TableRecord,
+    TableSchema,
+    asset,
+    graph_asset,
+    op,
+)
+
+from carsync_dagster.orchestration.partitions import page_range, page_ranges
+from carsync_dagster.orchestration.progress import Progress
+from carsync_dagster.orchestration.resources import ListingsApiResource, WarehouseResource
+from carsync_dagster.source.client import Page
+from carsync_dagster.source.extract import PartitionPages, fetch_partitions
+from carsync_dagster.transform import normalise
+from carsync_dagster.warehouse import syncs
+from carsync_dagster.warehouse.load import merge_batch
+from carsync_dagster.warehouse.normalised_store import NormalisedStore
+
+SYNC_ID_TAG = "carsync/sync_id"
+SYNC_KIND_TAG = "carsync/kind"
+GROUP = "carsync"
+_SINGLE_RUN = BackfillPolicy.single_run()
+
+
+def sync_id_of(context: OpExecutionContext | AssetExecutionContext) -> str:
+    """The sync a run belongs to: set by `carsync sync`; a UI run (and its re-executions,
+    which share a root run) is a sync of its own."""
+    tags = context.run.tags
+    return tags.get(SYNC_ID_TAG) or tags.get("dagster/root_run_id") or context.run.run_id
+
+
+def _table(rows: Sequence[dict[str, Any]]) -> MetadataValue:
+    columns = list(rows[0]) if rows else ["partition"]
+    return MetadataValue.table(
+        records=[TableRecord(row) for row in rows],
+        schema=TableSchema(
+            columns=[
+                TableColumn(name, "string" if name == "partition" else "float") for name in columns
+            ]
+        ),
+    )
+
+
+@op(out=Out(dagster_type=type(None)), description="Fetch the range's pages and land them.")
+def fetch_pages(
+    context: OpExecutionContext, api: ListingsApiResource, warehouse: WarehouseResource
+) -> Output[None]:
+    keys = context.partition_keys
+    sync_id = sync_id_of(context)
+    settings = api.settings()
+    landing = api.landing()
+    started = time.perf_counter()
+    with warehouse.connect(autocommit=True) as conn:
+        syncs.begin_sync(
+            conn,
+            warehouse.schema_name,
+            sync_id,
+            context.run.tags.get(SYNC_KIND_TAG, "manual"),
+            context.run.run_id,
+        )
+        client = api.client()
+
+        async def fetch() -> tuple[int, list[dict[str, Any]]]:
+            async with client:
+                first = await client.get_page(1, settings.page_size)
+                todo, skipped = [], 0
+                for key in keys:
+                    landed = landing.manifest(key)
+                    if landed is not None and landed.sync_id == sync_id:
+                        skipped += 1  # landed by this sync before it was interrupted
+                        continue
+                    first_page, last_page = page_range(key)
+                    todo.append(PartitionPages(key, first_page, min(last_page, first.last_page)))
+                total_pages = sum(max(0, p.last_page - p.first_page + 1) for p in todo)
+                syncs.set_pages_total(conn, warehouse.schema_name, sync_id, total_pages)
+                progress = Progress(conn, warehouse.schema_name, sync_id, "fetch", total_pages)
+                rows: list[dict[str, Any]] = []
+
+                def land(partition: PartitionPages, pages: list[Page], seconds: float) -> None:
+                    landed = landing.write(partition.key, sync_id, pages, seconds)
+                    rows.append(
+                        {
+                            "partition": partition.key,
+                            "pages": landed.pages,
+                            "records": landed.records,
+                            "seconds": round(seconds, 3),
+                        }
+                    )
+
+                await fetch_partitions(
+                    client, todo, settings.page_size, land, on_page=progress.page_done
+                )
+                progress.flush()
+                return skipped, rows
+
+        skipped, rows = asyncio.run(fetch())
+    seconds = time.perf_counter() - started
+    stats = client.stats
+    pages = sum(int(r["pages"]) for r in rows)
+    context.log.info(
+        f"landed {len(rows)} partitions ({pages} pages) in {seconds:.1f}s; "
+        f"{skipped} already landed by this sync"
+    )
+    return Output(
+        None,
+        metadata={
+            "partitions_fetched": len(rows),
+            "partitions_skipped": skipped,
+            "pages": pages,
+            "records": sum(int(r["records"]) for r in rows),
+            "requests": stats.requests,
+            "retries": stats.retries,
+            "errors_by_class": MetadataValue.json(stats.by_class),
+            "pages_per_second": round(pages / seconds, 1) if seconds else 0.0,
+            "p50_latency_ms": round(stats.percentile(0.5) * 1000, 1),
+            "p95_latency_ms": round(stats.percentile(0.95) * 1000, 1),
+            "seconds": round(seconds, 2),
+            "per_partition": _table(sorted(rows, key=lambda r: str(r["partition"]))),
+        },
+    )
+
+
+@graph_asset(
+    partitions_def=page_ranges,
+    backfill_policy=_SINGLE_RUN,
+    group_name=GROUP,
+    description="Raw page bodies of each page range, landed on disk until the next sync.",
+)
+def pages() -> Any:
+    return fetch_pages()
+
+
+@asset(
+    deps=[pages],
+    partitions_def=page_ranges,
+    backfill_policy=_SINGLE_RUN,
+    group_name=GROUP,
+    description="Records normalised, validated and hashed with polars (Parquet per partition).",
+)
+def normalised(
+    context: AssetExecutionContext, api: ListingsApiResource, warehouse: WarehouseResource
+) -> MaterializeResult[None]:
+    landing, store = api.landing(), NormalisedStore(api.normalised_dir())
+    sync_id = sync_id_of(context)
+    this_year = _sync_year(warehouse, sync_id)
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with warehouse.connect(autocommit=True) as conn:
+        progress = Progress(
+            conn, warehouse.schema_name, sync_id, "normalise", len(context.partition_keys)
+        )
+        for key in context.partition_keys:
+            began = time.perf_counter()
+            batch = normalise(landing.records(key), this_year=this_year)
+            store.write(key, batch.cars, batch.rejected)
+            rows.append(
+                {
+                    "partition": key,
+                    "rows": batch.cars.height,
+                    "rejected": batch.rejected.height,
+                    "seconds": round(time.perf_counter() - began, 3),
+                }
+            )
+            progress.step_done()
+        progress.flush()
+    seconds = time.perf_counter() - started
+    total = sum(int(r["rows"]) for r in rows)
+    return MaterializeResult(
+        metadata={
+            "rows": total,
+            "rejected": sum(int(r["rejected"]) for r in rows),
+            "rows_per_second": round(total / seconds, 1) if seconds else 0.0,
+            "seconds": round(seconds, 2),
+            "per_partition": _table(rows),
+        }
+    )
+
+
+@asset(
+    deps=[normalised],
+    partitions_def=page_ranges,
+    backfill_policy=_SINGLE_RUN,
+    group_name=GROUP,
+    description="The warehouse table: staged with COPY, merged without rewriting unchanged rows.",
+)
+def cars(
+    context: AssetExecutionContext, api: ListingsApiResource, warehouse: WarehouseResource
+) -> MaterializeResult[None]:
+    store = NormalisedStore(api.normalised_dir())
+    sync_id = sync_id_of(context)
+    totals = {"rows": 0, "inserted": 0, "updated": 0, "unchanged": 0, "rejected": 0}
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with warehouse.connect() as conn, warehouse.connect(autocommit=True) as status_conn:
+        progress = Progress(
+            status_conn, warehouse.schema_name, sync_id, "merge", len(context.partition_keys)
+        )
+        for key in context.partition_keys:
+            began = time.perf_counter()
+            cars_frame, rejected_frame = store.read(key)
+            counts = merge_batch(conn, warehouse.schema_name, cars_frame, rejected_frame)
+            row = {
+                "partition": key,
+                "rows": counts.staged,
+                "inserted": counts.inserted,
+                "updated": counts.updated,
+                "unchanged": counts.unchanged,
+                "rejected": counts.rejected,
+                "seconds": round(time.perf_counter() - began, 3),
+            }
+            rows.append(row)
+            for name in totals:
+                totals[name] += int(row[name])
+            context.log_event(
+                AssetObservation(asset_key=AssetKey("cars"), partition=key, metadata=row)
+            )
+            progress.step_done()
+        progress.flush()
+        if SYNC_ID_TAG not in context.run.tags:
+            # A run launched from the UI has no `carsync sync` around it to close the sync.
+            syncs.finish_sync(
+                status_conn, warehouse.schema_name, sync_id, status="succeeded", summary=totals
+            )
+    seconds = time.perf_counter() - started
+    return MaterializeResult(
+        metadata={
+            **totals,
+            "rows_per_second": round(totals["rows"] / seconds, 1) if seconds else 0.0,
+            "seconds": round(seconds, 2),
+            "per_partition": _table(rows),
+        }
+    )
+
+
+def _sync_year(warehouse: WarehouseResource, sync_id: str) -> int:
+    """ "This year" of the rejection rules: the UTC year when the sync started."""
+    with warehouse.connect(autocommit=True) as conn:
+        row = syncs.read_sync(conn, warehouse.schema_name, sync_id)
+    started = row["started_at"] if row else datetime.now(UTC)
+    return int(started.astimezone(UTC).year)

@@ -1,0 +1,15 @@
+"""Jobs: a full sync is one run over the whole range of page-range partitions."""
+
+from __future__ import annotations
+
+from dagster import AssetSelection, define_asset_job
+
+from carsync_dagster.orchestration.assets import cars, normalised, pages
+from carsync_dagster.orchestration.partitions import page_ranges
+
+full_sync_job = define_asset_job(
+    "full_sync",
+    selection=AssetSelection.assets(pages, normalised, cars),
+    partitions_def=page_ranges,
+    description="Fetch, normalise and merge every page range in one run.",
+)

@@ -1,0 +1,50 @@
+"""Throttled progress of a sync stage into `sync_runs`, where the CLI and apps read it."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+
+from carsync_dagster.source.client import Page
+from carsync_dagster.warehouse import syncs
+
+_EVERY_SECONDS = 1.0
+
+
+class Progress:
+    def __init__(
+        self, conn: psycopg.Connection, schema: str, sync_id: str, stage: str, total: int
+    ) -> None:
+        self._conn, self._schema, self._sync_id = conn, schema, sync_id
+        self.stage, self.total = stage, total
+        self.done = self.pages = self.records = 0
+        self._written_at = 0.0
+        self.flush()
+
+    def page_done(self, page: Page) -> None:
+        self.done += 1
+        self.pages += 1
+        self.records += len(page.records)
+        self._maybe_flush()
+
+    def step_done(self) -> None:
+        self.done += 1
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if time.monotonic() - self._written_at >= _EVERY_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        self._written_at = time.monotonic()
+        counts = {"pages": self.pages, "records": self.records} if self.stage == "fetch" else {}
+        syncs.record_progress(
+            self._conn,
+            self._schema,
+            self._sync_id,
+            stage=self.stage,
+            done=self.done,
+            total=self.total,
+            **counts,
+        )

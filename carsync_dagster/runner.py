@@ -1,0 +1,305 @@
+"""What `carsync` commands share: bring up the database, the API and the Dagster instance,
+and run a sync through Dagster. The CLI only parses, prints and sets exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import uuid
+import warnings
+from importlib import resources
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+
+from carsync_dagster.settings import Settings
+from carsync_dagster.warehouse import syncs
+from carsync_dagster.warehouse.schema import migrate
+
+DAGSTER_PG_URL_ENV = "CARSYNC_DAGSTER_PG_URL"
+DAGSTER_SCHEMA = "dagster"
+
+
+
+class SyncBusyError(RuntimeError):
+    """Another sync holds the warehouse's writer lock."""
+
+
+@dataclass
+class Environment:
+    settings: Settings
+    database_url: str
+    api_base_url: str
+    api_key: str
+    simulator: Any = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def dagster_postgres_url(database_url: str) -> str:
+    """The warehouse URL as dagster-postgres needs it: the psycopg2 driver (with SQLAlchemy 2.1
+    a plain postgresql:// picks psycopg 3, whose NOTIFY fails) and its tables in schema dagster."""
+    parts = urlsplit(database_url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "options"]
+    query.append(("options", f"-csearch_path={DAGSTER_SCHEMA}"))
+    return urlunsplit(parts._replace(scheme="postgresql+psycopg2", query=urlencode(query)))
+
+
+@contextlib.contextmanager
+def open_database(settings: Settings) -> Iterator[str]:
+    """The warehouse URL (embedded server unless DATABASE_URL), schema migrated."""
+    with contextlib.ExitStack() as stack:
+        if settings.database_url is not None:
+            database_url = settings.database_url.get_secret_value()
+        else:
+            from carsync_dagster.warehouse.embedded import (
+                embedded_database_url,
+                start_embedded_postgres,
+            )
+
+            server = start_embedded_postgres(settings.data_path)
+            stack.callback(server.cleanup)
+            database_url = embedded_database_url(server)
+        migrate(database_url, settings.schema_name)
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(DAGSTER_SCHEMA))
+            )
+        yield database_url
+
+
+@contextlib.contextmanager
+def open_environment(
+    settings: Settings, *, simulator_args: tuple[str, ...] = ()
+) -> Iterator[Environment]:
+    """Database, API (bundled simulator unless API_BASE_URL) and a Dagster home; the process
+    environment is set for Dagster's EnvVars and restored afterwards."""
+    with contextlib.ExitStack() as stack:
+        database_url = stack.enter_context(open_database(settings))
+        simulator = None
+        if settings.api_base_url is not None and settings.api_key is not None:
+            api_base_url, api_key = settings.api_base_url, settings.api_key.get_secret_value()
+        else:
+            from carsync_dagster.simulator.process import start_simulator
+
+            simulator = stack.enter_context(start_simulator(args=simulator_args))
+            api_base_url, api_key = simulator.base_url, simulator.api_key
+        home = settings.dagster_home_path
+        home.mkdir(parents=True, exist_ok=True)
+        if not (home / "dagster.yaml").exists():
+            template = resources.files("carsync_dagster") / "dagster.yaml"
+            (home / "dagster.yaml").write_text(template.read_text())
+        env = {
+            "API_BASE_URL": api_base_url,
+            "API_KEY": api_key,
+            "DATABASE_URL": database_url,
+            DAGSTER_PG_URL_ENV: dagster_postgres_url(database_url),
+            "DAGSTER_HOME": str(home),
+            "CARSYNC_DATA_DIR": str(settings.data_path),
+            "CARSYNC_SCHEMA": settings.schema_name,
+            "CARSYNC_PAGE_SIZE": str(settings.page_size),
+            "CARSYNC_PAGES_PER_PARTITION": str(settings.pages_per_partition),
+            "CARSYNC_CONCURRENCY": str(settings.concurrency),
+            "CARSYNC_RPS": str(settings.rps),
+            "CARSYNC_REQUEST_TIMEOUT": str(settings.request_timeout),
+        }
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        stack.callback(_restore_environ, saved)
+        yield Environment(settings, database_url, api_base_url, api_key, simulator, env)
+
+
+def _restore_environ(saved: dict[str, str | None]) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def quiet_chosen_dagster_warnings() -> None:
+    """Dagster flags the beta and preview APIs we chose on purpose; people running a sync
+    should not see that on every run."""
+    from dagster import BetaWarning, PreviewWarning, SupersessionWarning
+
+    for category in (BetaWarning, PreviewWarning, SupersessionWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+@dataclass
+class SyncOutcome:
+    sync_id: str
+    dagster_run_id: str | None
+    success: bool
+    summary: dict[str, Any]
+    error: str | None = None
+
+
+def _discover_last_page(env: Environment) -> int:
+    import asyncio
+
+    from carsync_dagster.source.client import ListingsClient
+
+    async def first_page() -> int:
+        async with ListingsClient(
+            env.api_base_url,
+            env.api_key,
+            concurrency=1,
+            timeout=env.settings.request_timeout,
+        ) as client:
+            return (await client.get_page(1, env.settings.page_size)).last_page
+
+    return asyncio.run(first_page())
+
+
+def _register_partitions(instance: Any, keys: list[str]) -> None:
+    from carsync_dagster.orchestration.partitions import page_ranges
+
+    name = page_ranges.name
+    assert name is not None
+    existing = set(instance.get_dynamic_partitions(name))
+    new = [key for key in keys if key not in existing]
+    if new:
+        instance.add_dynamic_partitions(name, new)
+    for stale in sorted(existing - set(keys)):
+        instance.delete_dynamic_partition(name, stale)
+
+
+def _materialization_metadata(result: Any, asset: str) -> dict[str, Any]:
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        if materialization.asset_key.to_user_string() == asset:
+            return {key: value.value for key, value in materialization.metadata.items()}
+    return {}
+
+
+def run_full_sync(
+    env: Environment, on_progress: Callable[[dict[str, Any]], None] | None = None
+) -> SyncOutcome:
+    """One complete sync through Dagster: one run over every page-range partition."""
+    quiet_chosen_dagster_warnings()
+    from dagster import DagsterInstance
+
+    from carsync_dagster.definitions import defs
+    from carsync_dagster.orchestration.assets import SYNC_ID_TAG, SYNC_KIND_TAG
+    from carsync_dagster.orchestration.partitions import partition_keys
+
+    schema = env.settings.schema_name
+    started = time.perf_counter()
+    with psycopg.connect(env.database_url, autocommit=True) as lock_conn:
+        if not syncs.try_writer_lock(lock_conn, schema):
+            raise SyncBusyError(
+                f"another sync is writing to schema {schema!r}; wait for it to finish"
+            )
+        sync_id = syncs.resumable_sync(lock_conn, schema) or uuid.uuid4().hex
+        keys = partition_keys(_discover_last_page(env), env.settings.pages_per_partition)
+        syncs.begin_sync(lock_conn, schema, sync_id, "full", "")
+        if not keys:
+            summary = _summary({}, {}, {}, time.perf_counter() - started)
+            syncs.finish_sync(lock_conn, schema, sync_id, status="succeeded", summary=summary)
+            return SyncOutcome(sync_id, None, True, summary)
+        instance = DagsterInstance.get()
+        _register_partitions(instance, keys)
+        watcher = _ProgressWatcher(env.database_url, schema, sync_id, on_progress)
+        watcher.start()
+        try:
+            result = defs.resolve_job_def("full_sync").execute_in_process(
+                instance=instance,
+                tags={
+                    "dagster/asset_partition_range_start": keys[0],
+                    "dagster/asset_partition_range_end": keys[-1],
+                    SYNC_ID_TAG: sync_id,
+                    SYNC_KIND_TAG: "full",
+                },
+                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+                raise_on_error=False,
+            )
+        finally:
+            watcher.stop()
+        summary = _summary(
+            _materialization_metadata(result, "pages"),
+            _materialization_metadata(result, "normalised"),
+            _materialization_metadata(result, "cars"),
+            time.perf_counter() - started,
+        )
+        error = None if result.success else _first_failure(result)
+        syncs.finish_sync(
+            lock_conn,
+            schema,
+            sync_id,
+            status="succeeded" if result.success else "failed",
+            summary=summary,
+            error=error,
+        )
+        return SyncOutcome(sync_id, result.run_id, result.success, summary, error)
+
+
+def _summary(
+    pages: dict[str, Any], normalised: dict[str, Any], cars: dict[str, Any], seconds: float
+) -> dict[str, Any]:
+    return {
+        "pages": int(pages.get("pages", 0)),
+        "fetched": int(pages.get("records", 0)),
+        "inserted": int(cars.get("inserted", 0)),
+        "updated": int(cars.get("updated", 0)),
+        "unchanged": int(cars.get("unchanged", 0)),
+        "rejected": int(normalised.get("rejected", 0)),
+        "partitions": int(pages.get("partitions_fetched", 0))
+        + int(pages.get("partitions_skipped", 0)),
+        "partitions_resumed": int(pages.get("partitions_skipped", 0)),
+        "requests": int(pages.get("requests", 0)),
+        "retries": int(pages.get("retries", 0)),
+        "p95_latency_ms": float(pages.get("p95_latency_ms", 0.0)),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _first_failure(result: Any) -> str:
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data.error is not None:
+            error = event.step_failure_data.error
+            # The user code's own exception, one line: Dagster wraps it in a framework error.
+            cause = error.cause or error
+            return f"{event.step_key}: {cause.message.strip().splitlines()[-1]}"
+    return "the sync run failed"
+
+
+class _ProgressWatcher:
+    """Polls the sync's progress row from a thread and hands it to a callback."""
+
+    def __init__(
+        self,
+        database_url: str,
+        schema: str,
+        sync_id: str,
+        on_progress: Callable[[dict[str, Any]], None] | None,
+        every: float = 2.0,
+    ) -> None:
+        self._args = (database_url, schema, sync_id)
+        self._on_progress = on_progress
+        self._every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="carsync-progress", daemon=True)
+
+    def start(self) -> None:
+        if self._on_progress is not None:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        database_url, schema, sync_id = self._args
+        assert self._on_progress is not None
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            while not self._stop.wait(self._every):
+                row = syncs.read_sync(conn, schema, sync_id)
+                if row is not None:
+                    self._on_progress(row)

@@ -1,0 +1,132 @@
+"""Settings from the environment (operations.md), validated before any I/O."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+_SECRET_SETTINGS = ("API_KEY", "DATABASE_URL")
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class SettingsError(ValueError):
+    """A bad setting: the message is one line that names it."""
+
+
+class Settings(BaseModel):
+    """Each field is read from its environment name (operations.md)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    api_base_url: str | None = Field(default=None, validation_alias="API_BASE_URL")
+    api_key: SecretStr | None = Field(default=None, validation_alias="API_KEY")
+    database_url: SecretStr | None = Field(default=None, validation_alias="DATABASE_URL")
+    schema_name: str = Field(default="carsync", validation_alias="CARSYNC_SCHEMA")
+    dagster_home: str | None = Field(default=None, validation_alias="DAGSTER_HOME")
+    page_size: int = Field(default=100, validation_alias="CARSYNC_PAGE_SIZE")
+    pages_per_partition: int = Field(
+        default=50,
+        validation_alias="CARSYNC_PAGES_PER_PARTITION",
+    )
+    concurrency: int = Field(default=16, validation_alias="CARSYNC_CONCURRENCY")
+    rps: float = Field(default=0, validation_alias="CARSYNC_RPS")
+    request_timeout: float = Field(default=30.0, validation_alias="CARSYNC_REQUEST_TIMEOUT")
+    data_dir: str = Field(default=".carsync", validation_alias="CARSYNC_DATA_DIR")
+
+    @field_validator("api_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value() == "":
+            return None
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("schema_name")
+    @classmethod
+    def _plain_identifier(cls, value: str) -> str:
+        if not _IDENTIFIER.match(value):
+            raise ValueError("must be a plain lower-case identifier")
+        return value
+
+    @field_validator("page_size")
+    @classmethod
+    def _page_size(cls, value: int) -> int:
+        if not 1 <= value <= 1000:
+            raise ValueError("must be between 1 and 1000")
+        return value
+
+    @field_validator("pages_per_partition", "concurrency")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("rps")
+    @classmethod
+    def _not_negative(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+
+    @field_validator("request_timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _key_with_url(self) -> Settings:
+        if self.api_base_url and self.api_key is None:
+            raise ValueError("required when API_BASE_URL is set")
+        return self
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).absolute()
+
+    @property
+    def dagster_home_path(self) -> Path:
+        return Path(self.dagster_home or self.data_path / "dagster").absolute()
+
+
+def load_settings(
+    environ: Mapping[str, str], overrides: Mapping[str, object] | None = None
+) -> Settings:
+    """Settings from `environ`; non-None `overrides` (CLI flags, keyed by the same names) win."""
+    values: dict[str, object] = {k: v for k, v in environ.items() if v != ""}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        # Errors carry the environment name; the one model-level rule is about API_KEY.
+        name = str(first["loc"][0]) if first["loc"] else "API_KEY"
+        message = first["msg"].removeprefix("Value error, ")
+        shown = "" if name in _SECRET_SETTINGS else f" (got {first.get('input')!r})"
+        raise SettingsError(f"{name}: {message}{shown}") from None

@@ -1,0 +1,206 @@
+"""Records as parsed JSON → one typed polars column per source field.
+
+This is the only per-record Python work of the transform. Each column is first tried on a fast
+path (one polars conversion when every value already has the expected Python type) and only
+falls back to per-value Python conversion when some value does not.
+"""
+
+import math
+import re
+from decimal import ROUND_HALF_UP, Decimal
+from itertools import chain, repeat
+from typing import Any
+
+import orjson
+import polars as pl
+
+# Integers beyond this are clamped to it: still out of every allowed range, but safe to
+# multiply by 1,609,344 in Int64.
+BEYOND_RANGE = 2**40
+MILE_IN_KM = Decimal("1.609344")
+
+_NONE = type(None)
+_EMPTY: dict[str, object] = {}
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+TEXT_FIELDS = (
+    "id",
+    "lot_number",
+    "vin",
+    "fuel",
+    "transmission",
+    "body_type",
+    "color",
+    "location",
+    "status",
+    "created_at",
+    "updated_at",
+)
+
+
+def flatten(records: list[dict[str, Any]]) -> pl.DataFrame:
+    """Raw-typed columns: text not yet cleaned, numbers checked for type and sign only.
+
+    Columns: the TEXT_FIELDS, manufacturer, model, generation (the nested names), year and
+    engine_cc (Int64, null unless an integer), price (String text, null unless a number >= 0),
+    currency, mileage_unit, km_as_km and km_from_mi (Int64, null unless a number >= 0), images
+    (List(String) of the string items, null unless a list).
+    """
+    columns = {key: text_series(field(records, key)) for key in TEXT_FIELDS}
+    for key in ("manufacturer", "model", "generation"):
+        columns[key] = text_series(field(objects(field(records, key)), "name"))
+    columns["year"] = integer_series(field(records, "year"))
+    columns["engine_cc"] = integer_series(field(records, "engine_cc"))
+    price = objects(field(records, "price"))
+    columns["price"] = price_series(field(price, "amount"))
+    columns["currency"] = text_series(field(price, "currency"))
+    mileage = objects(field(records, "mileage"))
+    columns["km_as_km"], columns["km_from_mi"] = mileage_series(field(mileage, "value"))
+    columns["mileage_unit"] = text_series(field(mileage, "unit"))
+    columns["images"] = images_series(field(records, "images"))
+    return pl.DataFrame(columns)
+
+
+def field(records: list[dict[str, Any]], key: str) -> list[object]:
+    return list(map(dict.get, records, repeat(key)))
+
+
+def objects(values: list[object]) -> list[dict[str, Any]]:
+    """Non-objects become an empty object, so that their fields read as missing."""
+    return [value if type(value) is dict else _EMPTY for value in values]
+
+
+def text_series(values: list[object]) -> pl.Series:
+    if not set(map(type, values)) <= {str, _NONE}:
+        values = list(map(as_text, values))
+    try:
+        return pl.Series(values, dtype=pl.String)
+    except UnicodeEncodeError:  # lone surrogates, which the stdlib json parser lets through
+        texts = [None if text is None else valid_unicode(str(text)) for text in values]
+        return pl.Series(texts, dtype=pl.String)
+
+
+def integer_series(values: list[object]) -> pl.Series:
+    ints = _int64(values)
+    return ints if ints is not None else pl.Series(list(map(as_integer, values)), dtype=pl.Int64)
+
+
+def price_series(values: list[object]) -> pl.Series:
+    ints = _int64(values)
+    if ints is not None:
+        return _where(ints >= 0, ints.cast(pl.String))
+    return pl.Series(list(map(as_price_text, values)), dtype=pl.String)
+
+
+def mileage_series(values: list[object]) -> tuple[pl.Series, pl.Series]:
+    """Kilometres if the unit is km, and if it is mi; both null unless a number >= 0."""
+    ints = _int64(values)
+    if ints is not None:
+        km = _where(ints >= 0, ints.clip(upper_bound=BEYOND_RANGE))
+        return km, (km * 1_609_344 + 500_000) // 1_000_000
+    pairs = list(map(as_kilometres, values))
+    return (
+        pl.Series([km for km, _ in pairs], dtype=pl.Int64),
+        pl.Series([km for _, km in pairs], dtype=pl.Int64),
+    )
+
+
+def images_series(values: list[object]) -> pl.Series:
+    """The string items of each list, null for a non-list."""
+    lists: list[Any] = [value if type(value) is list else None for value in values]
+    if not set(map(type, chain.from_iterable(filter(None, lists)))) <= {str}:
+        lists = [None if items is None else [x for x in items if type(x) is str] for items in lists]
+    # Building a List series from Python lists is slow (~3 µs a row); one JSON text is not.
+    try:
+        text = orjson.dumps(lists).decode()
+    except TypeError:  # lone surrogates
+        text = orjson.dumps(_valid_unicode_lists(lists)).decode()
+    nested = pl.Series([text]).str.json_decode(pl.List(pl.List(pl.String)))
+    return nested.explode() if lists else pl.Series([], dtype=pl.List(pl.String))
+
+
+def valid_unicode(text: str) -> str:
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _valid_unicode_lists(lists: list[Any]) -> list[Any]:
+    return [None if items is None else list(map(valid_unicode, items)) for items in lists]
+
+
+def _int64(values: list[object]) -> pl.Series | None:
+    """An Int64 series when every value is a Python int (not bool) or None that fits."""
+    if not set(map(type, values)) <= {int, _NONE}:
+        return None
+    try:
+        return pl.Series(values, dtype=pl.Int64)
+    except (TypeError, OverflowError):  # an int beyond 64 bits
+        return None
+
+
+def _where(keep: pl.Series, values: pl.Series) -> pl.Series:
+    """values where keep is true, else null."""
+    return pl.select(pl.when(keep).then(values)).to_series()
+
+
+def as_text(value: object) -> str | None:
+    """A string as it is, a number as its JSON text, anything else None."""
+    if type(value) is str:
+        return value
+    if type(value) is int:
+        return str(value)
+    if type(value) is float and math.isfinite(value):
+        return repr(value)
+    return None
+
+
+def as_integer(value: object) -> int | None:
+    """An integer given as an int, a float holding an integer, or a string of digits.
+
+    Clamped to ±BEYOND_RANGE, so it fits Int64 and a huge value still fails every range check.
+    """
+    if type(value) is int:
+        return _clamp(value)
+    if type(value) is float:
+        return _clamp(int(value)) if value.is_integer() else None
+    if type(value) is str:
+        text = value.strip()
+        if not _INTEGER_TEXT.fullmatch(text):
+            return None
+        # Count digits without int(), which refuses strings of more than 4300 digits.
+        digits = text.lstrip("+-").lstrip("0") or "0"
+        magnitude = BEYOND_RANGE if len(digits) > 15 else int(digits)
+        return _clamp(-magnitude if text.startswith("-") else magnitude)
+    return None
+
+
+def as_number(value: object) -> int | float | None:
+    """A JSON number (not a boolean, not nan or infinite), else None."""
+    if type(value) is int or (type(value) is float and math.isfinite(value)):
+        return value
+    return None
+
+
+def as_price_text(value: object) -> str | None:
+    number = as_number(value)
+    return None if number is None or number < 0 else as_text(number)
+
+
+def as_kilometres(value: object) -> tuple[int | None, int | None]:
+    number = as_number(value)
+    if number is None or number < 0:
+        return None, None
+    if number >= BEYOND_RANGE:
+        return BEYOND_RANGE, BEYOND_RANGE
+    if type(number) is int:
+        return number, (number * 1_609_344 + 500_000) // 1_000_000
+    exact = Decimal(repr(number))  # the value as given in the JSON text
+    return _round(exact), _round(exact * MILE_IN_KM)
+
+
+def _round(value: Decimal) -> int:
+    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))  # half away from zero
+
+
+def _clamp(value: int) -> int:
+    return max(-BEYOND_RANGE, min(BEYOND_RANGE, value))

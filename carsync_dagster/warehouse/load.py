@@ -1,0 +1,59 @@
+"""COPY normalised frames into UNLOGGED staging and merge them into `cars`, one transaction each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+import psycopg
+from psycopg import sql
+
+from carsync_dagster.warehouse.schema import read_sql, set_search_path
+
+# Keeps a merge from waiting behind a stray lock for ever; readers never wait on us (no table
+# locks on `cars`, row locks only on rows that really change).
+_LOCK_TIMEOUT = "10s"
+
+
+@dataclass(frozen=True)
+class MergeCounts:
+    staged: int
+    inserted: int
+    updated: int
+    rejected: int
+
+    @property
+    def unchanged(self) -> int:
+        return self.staged - self.inserted - self.updated
+
+
+def _copy_frame(cur: psycopg.Cursor, table: str, frame: pl.DataFrame) -> None:
+    if frame.is_empty():
+        return
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, frame.columns))
+    )
+    # polars writes null as an empty field and "" quoted, which is exactly CSV COPY's convention.
+    with cur.copy(statement) as copy:
+        copy.write(frame.write_csv(include_header=False))
+
+
+def merge_batch(
+    conn: psycopg.Connection, schema: str, cars: pl.DataFrame, rejected: pl.DataFrame
+) -> MergeCounts:
+    """Stage and merge one partition's records in a single transaction."""
+    with conn.transaction(), conn.cursor() as cur:
+        set_search_path(conn, schema)
+        cur.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(_LOCK_TIMEOUT)))
+        # TRUNCATE's exclusive lock on staging also serialises concurrent merges.
+        cur.execute("TRUNCATE cars_staging, cars_rejected_staging")
+        _copy_frame(cur, "cars_staging", cars)
+        _copy_frame(cur, "cars_rejected_staging", rejected)
+        cur.execute(read_sql("merge_cars.sql").encode())
+        row = cur.fetchone()
+        assert row is not None
+        staged, inserted, updated = (int(value) for value in row)
+        if not rejected.is_empty():
+            cur.execute(read_sql("merge_rejected.sql").encode())
+        cur.execute(read_sql("resolve_rejected.sql").encode())
+    return MergeCounts(staged, inserted, updated, rejected.height)

@@ -1,0 +1,64 @@
+-- Merge cars_staging into cars in one statement. A row is written only when its data_hash
+-- changed or it comes back after being marked gone; unchanged listings are not touched at all.
+-- Returns (staged, inserted, updated).
+WITH incoming AS (
+    -- Page drift can serve one listing twice; keep its newest version.
+    SELECT DISTINCT ON (id) *
+    FROM cars_staging
+    ORDER BY id, source_updated_at DESC NULLS LAST, data_hash
+),
+changed AS (
+    -- Filter before the upsert: ON CONFLICT would lock (and so dirty) even rows it skips.
+    SELECT i.*
+    FROM incoming AS i
+    LEFT JOIN cars AS c ON c.id = i.id
+    WHERE c.id IS NULL OR c.data_hash IS DISTINCT FROM i.data_hash OR NOT c.is_active
+),
+merged AS (
+    INSERT INTO cars AS c (
+        id, manufacturer, model, year, mileage_km, price, currency, fuel, status,
+        source_updated_at, lot_number, vin, generation, transmission, body_type, color,
+        engine_cc, location, images, source_created_at, data_hash,
+        is_active, first_seen_at, changed_at, removed_at
+    )
+    SELECT
+        id, manufacturer, model, year, mileage_km, price, currency, fuel, status,
+        source_updated_at, lot_number, vin, generation, transmission, body_type, color,
+        engine_cc, location, images, source_created_at, data_hash,
+        true, now(), now(), NULL
+    FROM changed
+    ON CONFLICT (id) DO UPDATE SET
+        manufacturer = EXCLUDED.manufacturer,
+        model = EXCLUDED.model,
+        year = EXCLUDED.year,
+        mileage_km = EXCLUDED.mileage_km,
+        price = EXCLUDED.price,
+        currency = EXCLUDED.currency,
+        fuel = EXCLUDED.fuel,
+        status = EXCLUDED.status,
+        source_updated_at = EXCLUDED.source_updated_at,
+        lot_number = EXCLUDED.lot_number,
+        vin = EXCLUDED.vin,
+        generation = EXCLUDED.generation,
+        transmission = EXCLUDED.transmission,
+        body_type = EXCLUDED.body_type,
+        color = EXCLUDED.color,
+        engine_cc = EXCLUDED.engine_cc,
+        location = EXCLUDED.location,
+        images = EXCLUDED.images,
+        source_created_at = EXCLUDED.source_created_at,
+        data_hash = EXCLUDED.data_hash,
+        is_active = true,
+        removed_at = NULL,
+        changed_at = CASE
+            WHEN c.data_hash IS DISTINCT FROM EXCLUDED.data_hash THEN now()
+            ELSE c.changed_at
+        END
+    WHERE c.data_hash IS DISTINCT FROM EXCLUDED.data_hash OR NOT c.is_active
+    RETURNING (xmax = 0) AS inserted
+)
+SELECT
+    (SELECT count(*) FROM incoming) AS staged,
+    count(*) FILTER (WHERE inserted) AS inserted,
+    count(*) FILTER (WHERE NOT inserted) AS updated
+FROM merged;

@@ -1,0 +1,86 @@
+"""Shared fixtures: a real PostgreSQL (embedded, or CARSYNC_TEST_DATABASE_URL) and helpers to run
+the real `carsync` command against the real simulator over loopback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from psycopg import sql
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server for the whole session."""
+    configured = os.environ.get("CARSYNC_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    from carsync_dagster.warehouse.embedded import embedded_database_url, start_embedded_postgres
+
+    server = start_embedded_postgres(tmp_path_factory.mktemp("embedded-pg"))
+    try:
+        yield embedded_database_url(server)
+    finally:
+        server.cleanup()
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture
+def database_url(server_url: str) -> Iterator[str]:
+    """A fresh database per test, so warehouse and Dagster storage start empty."""
+    name = f"carsync_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield _with_database(server_url, name)
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def carsync_env(
+    workdir: Path, database_url: str, simulator: Any, **extra: str
+) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("CARSYNC_", "API_", "DATABASE_URL", "DAGSTER_HOME"))
+    }
+    env.update(
+        {
+            "DATABASE_URL": database_url,
+            "API_BASE_URL": simulator.base_url,
+            "API_KEY": simulator.api_key,
+            "DAGSTER_HOME": str(workdir / "dagster"),
+            "CARSYNC_DATA_DIR": str(workdir / "data"),
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def run_carsync(
+    args: list[str], env: Mapping[str, str], cwd: Path, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "carsync_dagster", *args],
+        env=dict(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

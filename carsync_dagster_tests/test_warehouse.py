@@ -1,0 +1,121 @@
+"""Migrations and the merge, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import psycopg
+import pytest
+
+from carsync_dagster.transform import normalise
+from carsync_dagster.warehouse.load import merge_batch
+from carsync_dagster.warehouse.schema import MIGRATIONS, migrate
+
+
+def _car(number: int, **changes: Any) -> dict[str, Any]:
+    car: dict[str, Any] = {
+        "id": f"KA{number:09d}",
+        "lot_number": str(number),
+        "vin": None,
+        "manufacturer": {"id": 1, "name": "Kia"},
+        "model": {"id": 2, "name": "K5"},
+        "generation": None,
+        "year": 2020,
+        "mileage": {"value": 1000 + number, "unit": "km"},
+        "price": {"amount": 20_000_000 + number, "currency": "KRW"},
+        "fuel": "Gasoline",
+        "transmission": "automatic",
+        "body_type": "Sedan",
+        "color": "White",
+        "engine_cc": 1999,
+        "location": "Seoul",
+        "images": [f"https://img.example/{number}/0.jpg"],
+        "status": "active",
+        "created_at": "2026-01-01T00:00:00Z",
+        "updated_at": "2026-01-02T00:00:00Z",
+    }
+    car.update(changes)
+    return car
+
+
+def _merge(conn: psycopg.Connection, records: list[Any]) -> tuple[int, int, int, int]:
+    batch = normalise(records, this_year=2026)
+    counts = merge_batch(conn, "carsync", batch.cars, batch.rejected)
+    return counts.inserted, counts.updated, counts.unchanged, counts.rejected
+
+
+def _xmins(conn: psycopg.Connection) -> dict[str, str]:
+    return dict(conn.execute("SELECT id, xmin::text FROM carsync.cars").fetchall())
+
+
+@pytest.fixture
+def conn(database_url: str) -> Any:
+    migrate(database_url, "carsync")
+    with psycopg.connect(database_url) as connection:
+        yield connection
+
+
+def test_migrations_are_idempotent(database_url: str) -> None:
+    assert migrate(database_url, "carsync") == [version for version, _ in MIGRATIONS]
+    assert migrate(database_url, "carsync") == []
+    with psycopg.connect(database_url) as conn:
+        persistence = conn.execute(
+            "SELECT relpersistence FROM pg_class WHERE relname = 'cars_staging'"
+        ).fetchone()
+    assert persistence == ("u",), "staging must be UNLOGGED"
+
+
+def test_merge_inserts_then_leaves_unchanged_rows_untouched(conn: psycopg.Connection) -> None:
+    records = [_car(n) for n in range(50)]
+    assert _merge(conn, records) == (50, 0, 0, 0)
+    before = _xmins(conn)
+    assert _merge(conn, copy.deepcopy(records)) == (0, 0, 50, 0)
+    assert _xmins(conn) == before
+
+
+def test_merge_updates_exactly_the_changed_rows(conn: psycopg.Connection) -> None:
+    records = [_car(n) for n in range(20)]
+    _merge(conn, records)
+    before = _xmins(conn)
+    records[3] = _car(3, price={"amount": 1, "currency": "KRW"})
+    records[7] = _car(7, status="reserved")
+    assert _merge(conn, records) == (0, 2, 18, 0)
+    after = _xmins(conn)
+    assert {car_id for car_id in after if after[car_id] != before[car_id]} == {
+        "KA000000003",
+        "KA000000007",
+    }
+    price, changed_at, first_seen = conn.execute(
+        "SELECT price, changed_at, first_seen_at FROM carsync.cars WHERE id = 'KA000000003'"
+    ).fetchone() or (None, None, None)
+    assert price == 1 and changed_at >= first_seen
+
+
+def test_a_listing_served_twice_in_one_partition_is_merged_once(conn: psycopg.Connection) -> None:
+    old = _car(1, updated_at="2026-01-02T00:00:00Z")
+    new = _car(1, updated_at="2026-01-03T00:00:00Z", price={"amount": 5, "currency": "KRW"})
+    assert _merge(conn, [old, new]) == (1, 0, 0, 0)
+    assert conn.execute("SELECT price FROM carsync.cars").fetchone() == (5,)
+
+
+def test_rejected_records_keep_one_row_each(conn: psycopg.Connection) -> None:
+    bad = [_car(1, year="nineteen-ninety"), _car(2, id=""), "not an object", {"id": "x\u0000y"}]
+    assert _merge(conn, bad)[3] == 4
+    first = conn.execute(
+        "SELECT id, reason, last_seen_at FROM carsync.cars_rejected ORDER BY id"
+    ).fetchall()
+    assert len(first) == 4
+    _merge(conn, copy.deepcopy(bad))
+    again = conn.execute("SELECT count(*), min(last_seen_at) FROM carsync.cars_rejected").fetchone()
+    assert again is not None and again[0] == 4
+    assert conn.execute("SELECT count(*) FROM carsync.cars").fetchone() == (0,)
+    reasons = {row[0]: row[1] for row in first}
+    assert reasons["KA000000001"].startswith("year:")
+
+
+def test_a_fixed_record_resolves_its_quarantine_row(conn: psycopg.Connection) -> None:
+    _merge(conn, [_car(1, year="nineteen-ninety")])
+    _merge(conn, [_car(1)])
+    row = conn.execute("SELECT resolved_at IS NOT NULL FROM carsync.cars_rejected").fetchone()
+    assert row == (True,)
