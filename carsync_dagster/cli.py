@@ -20,8 +20,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Keep a PostgreSQL warehouse of car listings in sync with the listings API.",
 )
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
 
 # Flags of the same name as the settings; there is deliberately no flag for API_KEY.
 ApiBaseUrl = Annotated[str | None, typer.Option("--api-base-url", help="API_BASE_URL")]

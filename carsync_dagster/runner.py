@@ -299,7 +299,9 @@ class _ProgressWatcher:
         database_url, schema, sync_id = self._args
         assert self._on_progress is not None
         with psycopg.connect(database_url, autocommit=True) as conn:
-            while not self._stop.wait(self._every):
+            wait = 0.5  # the first line comes early, so people see the sync has started
+            while not self._stop.wait(wait):
                 row = syncs.read_sync(conn, schema, sync_id)
                 if row is not None:
                     self._on_progress(row)
+                wait = self._every

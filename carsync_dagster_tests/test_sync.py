@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from carsync_dagster.simulator.process import RunningSimulator, start_simulator
 from carsync_dagster_tests.conftest import carsync_env, run_carsync
@@ -34,6 +35,26 @@ def _xmins(database_url: str) -> dict[str, int]:
         }
 
 
+def _tables_holding(database_url: str, text: str) -> list[str]:
+    """Every table (warehouse and Dagster storage) with a row whose text contains `text`."""
+    with psycopg.connect(database_url) as conn:
+        tables = conn.execute(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables"
+            " WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
+        ).fetchall()
+        return [
+            table
+            for (table,) in tables
+            if conn.execute(
+                sql.SQL("SELECT EXISTS (SELECT FROM {} AS t WHERE t::text LIKE %s)").format(
+                    sql.SQL(table)
+                ),
+                (f"%{text}%",),
+            ).fetchone()
+            != (False,)
+        ]
+
+
 @pytest.fixture(scope="module")
 def simulator() -> Iterator[RunningSimulator]:
     with start_simulator(cars=20_000, seed=7, args=["--broken-rate", "0.01"]) as running:
@@ -47,8 +68,12 @@ def test_sync_is_exact_then_writes_nothing_then_counts_changes(
     truth = simulator.control.truth()
     assert len(truth["rejected"]) > 50, "the feed must carry broken records"
 
-    first = _summary(run_carsync(["sync", "--json"], env, tmp_path))
+    run = run_carsync(["sync", "--json"], env, tmp_path)
+    first = _summary(run)
     assert differences(truth, database_url) == []
+    assert simulator.api_key not in run.stdout + run.stderr
+    assert "pages/s" in run.stderr, "progress lines go to stderr while the sync runs"
+    assert _tables_holding(database_url, simulator.api_key) == []
     assert first["inserted"] == len(truth["cars"])
     assert first["rejected"] == len(truth["rejected"])
     assert first["fetched"] == len(truth["cars"]) + len(truth["rejected"])

@@ -9,11 +9,14 @@ Truth rows are built from the generated values, never by normalising the served 
 from __future__ import annotations
 
 import bisect
+import copy
 import random
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
+
+import orjson
 
 MASK = (1 << 64) - 1
 ANCHOR = 1773225570  # 2026-03-11T10:39:30Z, around when the newest initial listing was created
@@ -186,7 +189,6 @@ class Store:
 
     def __init__(self, cars: int, seed: int, broken_rate: float) -> None:
         self.n0 = cars
-        self.seed = seed
         base = mix(seed & MASK)
         self.k_car, self.k_time, self.k_ver, self.k_broken = (mix(base ^ s) for s in range(1, 5))
         self.broken_ppm = round(broken_rate * 1_000_000)
@@ -195,10 +197,11 @@ class Store:
         self.updated = array("q", bytes(8 * cars))  # 0: unchanged since start, see _initial_times
         self.version = array("I", bytes(4 * cars))
         self.created_new = array("q")  # created_at of listings inserted after start
-        # (updated_at, index) of every change after start, in that order (stale entries are
-        # skipped by comparing with self.updated).
-        self.touched: list[tuple[int, int]] = []
-        self.deleted: set[int] = set()
+        # updated_at and index of every change after start, in that order; an entry whose
+        # updated_at no longer matches self.updated is stale. Every index < total that is not
+        # alive has been deleted.
+        self.touched_at = array("q")
+        self.touched = array("q")
         self.clock = self._initial_times(cars - 1)[1] if cars else ANCHOR
         self.rng = random.Random(mix(base ^ 5))
         self._codes: bytearray | None = None
@@ -418,8 +421,9 @@ class Store:
         lo = bisect.bisect_left(self.live, first)
         hi = bisect.bisect_left(self.live, self.n0)
         out = array("q", [i for i in self.live[lo:hi] if not upd[i]])
-        k = bisect.bisect_right(self.touched, (since, MASK))
-        out.extend(i for ts, i in self.touched[k:] if upd[i] == ts and alive[i])
+        k = bisect.bisect_right(self.touched_at, since)
+        changes = zip(self.touched_at[k:], self.touched[k:], strict=True)
+        out.extend(i for ts, i in changes if upd[i] == ts and alive[i])
         if code is None:
             return out
         codes = self._codes_all()
@@ -454,15 +458,20 @@ class Store:
             out += rest[: n - len(out)]
         return out
 
+    def _touch(self, i: int, ts: int) -> None:
+        self.updated[i] = ts
+        self.touched_at.append(ts)
+        self.touched.append(i)
+
     def _insert(self, n: int, ts: int) -> list[int]:
         new = list(range(self.total, self.total + n))
         for i in new:
             self.created_new.append(ts)
-            self.updated.append(ts)
+            self.updated.append(0)
             self.version.append(0)
             self.alive.append(1)
             self.live.append(i)
-            self.touched.append((ts, i))
+            self._touch(i, ts)
             if self._codes is not None:
                 self._codes.append(self.maker_code(i))
         return new
@@ -471,7 +480,6 @@ class Store:
         for i in idx:
             del self.live[bisect.bisect_left(self.live, i)]
             self.alive[i] = 0
-            self.deleted.add(i)
 
     def mutate(
         self, update: int = 0, insert: int = 0, delete: int = 0, seed: int | None = None
@@ -482,8 +490,7 @@ class Store:
         ts = self._tick() if updated or insert else 0
         for i in updated:
             self.version[i] += 1
-            self.updated[i] = ts
-            self.touched.append((ts, i))
+            self._touch(i, ts)
         inserted = self._insert(insert, ts)
         self._delete(deleted)
         self._changed()
@@ -514,11 +521,29 @@ class Store:
             self._changed()
         return back
 
-    def full_truth(self) -> dict[str, list[Any]]:
-        cars: list[Any] = []
+    def truth_json(self, chunk: int = 2000) -> Iterator[bytes]:
+        """The truth as JSON in pieces: {"cars": [...], "rejected": [...], "deleted": [...]}.
+
+        Built from a copy of the per-listing state taken first (a few MB even for a million
+        listings), so changes made while it is sent do not show in it, and memory stays small.
+        """
+        snap = copy.copy(self)
+        snap.live, snap.alive = array("q", self.live), bytearray(self.alive)
+        snap.updated, snap.version = array("q", self.updated), array("I", self.version)
+        snap.created_new = array("q", self.created_new)
+        gone, i = [], self.alive.find(0)
+        while i >= 0:
+            gone.append(car_id(i))
+            i = self.alive.find(0, i + 1)
         rejected: list[Any] = []
-        for i in self.live:
-            ok, row = self.truth(i)
-            (cars if ok else rejected).append(row)
-        gone = [car_id(i) for i in sorted(self.deleted) if not self.alive[i]]
-        return {"cars": cars, "rejected": rejected, "deleted": gone}
+        sep = b""
+        yield b'{"cars":['
+        for start in range(0, len(snap.live), chunk):
+            cars: list[Any] = []
+            for i in snap.live[start : start + chunk]:
+                ok, row = snap.truth(i)
+                (cars if ok else rejected).append(row)
+            if cars:
+                yield sep + orjson.dumps(cars)[1:-1]
+                sep = b","
+        yield b'],"rejected":%s,"deleted":%s}' % (orjson.dumps(rejected), orjson.dumps(gone))

@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import IO, Any
 
 import httpx
+import orjson
 
 from .server import KEY_ENV
 
@@ -33,7 +34,7 @@ class SimulatorControl:
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         response = self._client.request(method, path, json=body)
         response.raise_for_status()
-        return response.json()
+        return orjson.loads(response.content)
 
     def truth(self) -> dict[str, list[Any]]:
         """{"cars": expected rows, "rejected": expected rejections, "deleted": gone ids}."""

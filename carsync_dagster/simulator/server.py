@@ -12,7 +12,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import fields
 from datetime import datetime
 from typing import Any
@@ -64,6 +64,15 @@ async def send_truncated(send: Send, body: bytes) -> int:
     await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
     await send({"type": "http.response.body", "body": b""})
     return 200
+
+
+async def send_stream(send: Send, chunks: Iterator[bytes]) -> None:
+    headers = [(b"content-type", JSON_TYPE)]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    for chunk in chunks:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await asyncio.sleep(0)  # let API requests through between pieces
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def hang(receive: Receive, seconds: float) -> bool:
@@ -246,7 +255,7 @@ class SimulatorApp:
         store = self.store
         try:
             if route == ("GET", "/_sim/truth"):
-                await send_body(send, 200, orjson.dumps(store.full_truth()))
+                await send_stream(send, store.truth_json())
                 return
             if route == ("GET", "/_sim/stats"):
                 result: Any = self.stats.as_dict()
@@ -400,6 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"carsync simulator listening on {url}", flush=True)
         await task
 
-    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
-        runner.run(serve())
+    try:
+        with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+            runner.run(serve())
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful stop
+        pass
     return 0 if server.started else 1
