@@ -101,12 +101,19 @@ def main(argv: list[str] | None = None) -> int:
                 server.cleanup()
 
     rows = results["cars"]
-    print(f"{'run':<18}{'seconds':>9}{'rows/s':>10}{'peak PSS MB':>13}{'inserted':>10}{'unchanged':>11}")
+    line = "{:<18}{:>9}{:>10}{:>13}{:>10}{:>11}"
+    print(line.format("run", "seconds", "rows/s", "peak PSS MB", "inserted", "unchanged"))
     for name in ("full_sync", "unchanged_resync"):
         run = results[name]
         print(
-            f"{name:<18}{run['seconds']:>9.2f}{rows / run['seconds']:>10,.0f}"
-            f"{run['peak_pss_mb']:>13.1f}{run['inserted']:>10,}{run['unchanged']:>11,}"
+            line.format(
+                name,
+                f"{run['seconds']:.2f}",
+                f"{rows / run['seconds']:,.0f}",
+                f"{run['peak_pss_mb']:.1f}",
+                f"{run['inserted']:,}",
+                f"{run['unchanged']:,}",
+            )
         )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2))

@@ -9,9 +9,9 @@ import threading
 import time
 import uuid
 import warnings
-from importlib import resources
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -24,7 +24,6 @@ from carsync_dagster.warehouse.schema import migrate
 
 DAGSTER_PG_URL_ENV = "CARSYNC_DAGSTER_PG_URL"
 DAGSTER_SCHEMA = "dagster"
-
 
 
 class SyncBusyError(RuntimeError):

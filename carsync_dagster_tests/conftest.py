@@ -51,9 +51,7 @@ def database_url(server_url: str) -> Iterator[str]:
         )
 
 
-def carsync_env(
-    workdir: Path, database_url: str, simulator: Any, **extra: str
-) -> dict[str, str]:
+def carsync_env(workdir: Path, database_url: str, simulator: Any, **extra: str) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()

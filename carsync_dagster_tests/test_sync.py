@@ -93,6 +93,12 @@ def test_sync_is_exact_then_writes_nothing_then_counts_changes(
     rewritten = {car_id for car_id, xmin in after.items() if before.get(car_id) != xmin}
     assert rewritten == set(changes["updated"]) | set(changes["inserted"])
 
+    status = run_carsync(["status", "--json"], env, tmp_path)
+    assert status.returncode == 0, status.stderr
+    syncs = json.loads(status.stdout)
+    assert [(s["kind"], s["status"]) for s in syncs] == [("full", "succeeded")] * 3
+    assert syncs[0]["summary"]["updated"] == 37
+
 
 def test_a_killed_sync_resumes_without_fetching_landed_partitions(
     database_url: str, tmp_path: Path
@@ -129,11 +135,7 @@ def test_a_killed_sync_resumes_without_fetching_landed_partitions(
         fetched_again = {
             int(page) for page, count in simulator.control.stats()["list_pages"].items() if count
         }
-        landed_pages = {
-            page
-            for key in landed
-            for page in range(int(key[1:6]), int(key[7:12]) + 1)
-        }
+        landed_pages = {page for key in landed for page in range(int(key[1:6]), int(key[7:12]) + 1)}
         assert not fetched_again & landed_pages - {1}, "landed pages were fetched again"
         assert differences(simulator.control.truth(), database_url) == []
 

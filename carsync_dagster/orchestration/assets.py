@@ -5,7 +5,6 @@ A range run gives every partition the same materialization metadata, so per-part
 go into a table in that metadata and, for `cars`, into one observation per partition.
 """
 
-
 import asyncio
 import time
 from collections.abc import Sequence

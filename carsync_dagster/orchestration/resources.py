@@ -1,6 +1,5 @@
 """Dagster resources: the listings API and the warehouse. Secrets arrive through EnvVar."""
 
-
 import os
 from pathlib import Path
 
