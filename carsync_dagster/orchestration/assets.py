@@ -42,7 +42,12 @@ from carsync_dagster.warehouse.normalised_store import NormalisedStore
 SYNC_ID_TAG = "carsync/sync_id"
 SYNC_KIND_TAG = "carsync/kind"
 GROUP = "carsync"
-_SINGLE_RUN = BackfillPolicy.single_run()
+# Every asset of the sync: page-range partitions, and a backfill of a range is one run.
+_PAGE_RANGES: dict[str, Any] = {
+    "partitions_def": page_ranges,
+    "backfill_policy": BackfillPolicy.single_run(),
+    "group_name": GROUP,
+}
 
 
 def sync_id_of(context: OpExecutionContext | AssetExecutionContext) -> str:
@@ -144,10 +149,8 @@ def fetch_pages(
 
 
 @graph_asset(
-    partitions_def=page_ranges,
-    backfill_policy=_SINGLE_RUN,
-    group_name=GROUP,
     description="Raw page bodies of each page range, landed on disk until the next sync.",
+    **_PAGE_RANGES,
 )
 def pages() -> Any:
     return fetch_pages()
@@ -155,10 +158,8 @@ def pages() -> Any:
 
 @asset(
     deps=[pages],
-    partitions_def=page_ranges,
-    backfill_policy=_SINGLE_RUN,
-    group_name=GROUP,
     description="Records normalised, validated and hashed with polars (Parquet per partition).",
+    **_PAGE_RANGES,
 )
 def normalised(
     context: AssetExecutionContext, api: ListingsApiResource, warehouse: WarehouseResource
@@ -201,10 +202,8 @@ def normalised(
 
 @asset(
     deps=[normalised],
-    partitions_def=page_ranges,
-    backfill_policy=_SINGLE_RUN,
-    group_name=GROUP,
     description="The warehouse table: staged with COPY, merged without rewriting unchanged rows.",
+    **_PAGE_RANGES,
 )
 def cars(
     context: AssetExecutionContext, api: ListingsApiResource, warehouse: WarehouseResource

@@ -28,30 +28,9 @@ CREATE TABLE IF NOT EXISTS cars (
     removed_at        timestamptz
 );
 
--- Staging is rewritten by every merge: UNLOGGED, so loading it writes no WAL.
-CREATE UNLOGGED TABLE IF NOT EXISTS cars_staging (
-    id                text NOT NULL,
-    manufacturer      text,
-    model             text,
-    year              integer,
-    mileage_km        integer,
-    price             numeric,
-    currency          text,
-    fuel              text,
-    status            text,
-    source_updated_at timestamptz,
-    lot_number        text,
-    vin               text,
-    generation        text,
-    transmission      text,
-    body_type         text,
-    color             text,
-    engine_cc         integer,
-    location          text,
-    images            jsonb,
-    source_created_at timestamptz,
-    data_hash         text NOT NULL
-);
+-- Staging is rewritten by every merge: UNLOGGED, so loading it writes no WAL. A later migration
+-- that adds a column to cars must add it here too (LIKE copies the columns once, at creation).
+CREATE UNLOGGED TABLE IF NOT EXISTS cars_staging (LIKE cars INCLUDING DEFAULTS);
 
 CREATE TABLE IF NOT EXISTS cars_rejected (
     id            text,
