@@ -65,9 +65,15 @@ def _print_progress(row: dict[str, Any], started: float) -> None:
     eta = ""
     if stage == "fetch" and pages and total:
         eta = f"  ETA {max(0.0, (total - done) / (pages / elapsed)):.0f}s"
+    requests = ""
+    if "retries" in progress:
+        requests = (
+            f"  p95 {progress['p95_ms']:.0f} ms  retries {progress['retries']}"
+            f"  429s {progress['rate_limited']}"
+        )
     err.print(
         f"{stage:<9} {done}/{total} {unit}  {pages / elapsed:,.0f} pages/s  "
-        f"{records / elapsed:,.0f} rows/s{eta}",
+        f"{records / elapsed:,.0f} rows/s{eta}{requests}",
         markup=False,
     )
 
@@ -77,6 +83,8 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     table.add_column("what")
     table.add_column("value", justify="right")
     for key, value in summary.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in sorted(value.items())) or "none"
         table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     return table
 

@@ -106,6 +106,9 @@ def open_environment(
             "CARSYNC_CONCURRENCY": str(settings.concurrency),
             "CARSYNC_RPS": str(settings.rps),
             "CARSYNC_REQUEST_TIMEOUT": str(settings.request_timeout),
+            "CARSYNC_MAX_ATTEMPTS": str(settings.max_attempts),
+            "CARSYNC_BREAKER_FAILURES": str(settings.breaker_failures),
+            "CARSYNC_BREAKER_COOLDOWN": str(settings.breaker_cooldown),
         }
         saved = {name: os.environ.get(name) for name in env}
         os.environ.update(env)
@@ -150,6 +153,8 @@ def _discover_last_page(env: Environment) -> int:
             env.api_key,
             concurrency=1,
             timeout=env.settings.request_timeout,
+            rps=env.settings.rps,
+            policy=env.settings.retry_policy(),
         ) as client:
             return (await client.get_page(1, env.settings.page_size)).last_page
 
@@ -253,6 +258,8 @@ def _summary(
         "partitions_resumed": int(pages.get("partitions_skipped", 0)),
         "requests": int(pages.get("requests", 0)),
         "retries": int(pages.get("retries", 0)),
+        "hedged": int(pages.get("hedged_requests", 0)),
+        "errors": dict(pages.get("errors_by_class", {})),
         "p95_latency_ms": float(pages.get("p95_latency_ms", 0.0)),
         "seconds": round(seconds, 2),
     }

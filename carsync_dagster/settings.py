@@ -17,6 +17,8 @@ from pydantic import (
     model_validator,
 )
 
+from carsync_dagster.source.client import RetryPolicy
+
 _SECRET_SETTINGS = ("API_KEY", "DATABASE_URL")
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -43,6 +45,9 @@ class Settings(BaseModel):
     concurrency: int = Field(default=16, validation_alias="CARSYNC_CONCURRENCY")
     rps: float = Field(default=0, validation_alias="CARSYNC_RPS")
     request_timeout: float = Field(default=30.0, validation_alias="CARSYNC_REQUEST_TIMEOUT")
+    max_attempts: int = Field(default=8, validation_alias="CARSYNC_MAX_ATTEMPTS")
+    breaker_failures: int = Field(default=10, validation_alias="CARSYNC_BREAKER_FAILURES")
+    breaker_cooldown: float = Field(default=60.0, validation_alias="CARSYNC_BREAKER_COOLDOWN")
     data_dir: str = Field(default=".carsync", validation_alias="CARSYNC_DATA_DIR")
 
     @field_validator("api_base_url")
@@ -79,7 +84,7 @@ class Settings(BaseModel):
             raise ValueError("must be between 1 and 1000")
         return value
 
-    @field_validator("pages_per_partition", "concurrency")
+    @field_validator("pages_per_partition", "concurrency", "max_attempts", "breaker_failures")
     @classmethod
     def _at_least_one(cls, value: int) -> int:
         if value < 1:
@@ -93,7 +98,7 @@ class Settings(BaseModel):
             raise ValueError("must not be negative")
         return value
 
-    @field_validator("request_timeout")
+    @field_validator("request_timeout", "breaker_cooldown")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:
@@ -105,6 +110,13 @@ class Settings(BaseModel):
         if self.api_base_url and self.api_key is None:
             raise ValueError("required when API_BASE_URL is set")
         return self
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            breaker_failures=self.breaker_failures,
+            breaker_cooldown=self.breaker_cooldown,
+        )
 
     @property
     def data_path(self) -> Path:

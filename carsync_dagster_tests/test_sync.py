@@ -14,11 +14,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from carsync_dagster.simulator.process import RunningSimulator, start_simulator
 from carsync_dagster_tests.conftest import carsync_env, run_carsync
-from carsync_dagster_tests.warehouse_truth import differences
+from carsync_dagster_tests.warehouse_truth import differences, tables_holding
 
 
 def _summary(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -33,26 +32,6 @@ def _xmins(database_url: str) -> dict[str, int]:
             car_id: int(xmin)
             for car_id, xmin in conn.execute("SELECT id, xmin::text FROM carsync.cars")
         }
-
-
-def _tables_holding(database_url: str, text: str) -> list[str]:
-    """Every table (warehouse and Dagster storage) with a row whose text contains `text`."""
-    with psycopg.connect(database_url) as conn:
-        tables = conn.execute(
-            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables"
-            " WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
-        ).fetchall()
-        return [
-            table
-            for (table,) in tables
-            if conn.execute(
-                sql.SQL("SELECT EXISTS (SELECT FROM {} AS t WHERE t::text LIKE %s)").format(
-                    sql.SQL(table)
-                ),
-                (f"%{text}%",),
-            ).fetchone()
-            != (False,)
-        ]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +52,7 @@ def test_sync_is_exact_then_writes_nothing_then_counts_changes(
     assert differences(truth, database_url) == []
     assert simulator.api_key not in run.stdout + run.stderr
     assert "pages/s" in run.stderr, "progress lines go to stderr while the sync runs"
-    assert _tables_holding(database_url, simulator.api_key) == []
+    assert tables_holding(database_url, simulator.api_key) == []
     assert first["inserted"] == len(truth["cars"])
     assert first["rejected"] == len(truth["rejected"])
     assert first["fetched"] == len(truth["cars"]) + len(truth["rejected"])

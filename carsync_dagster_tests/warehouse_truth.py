@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 
 TIMESTAMP_COLUMNS = ("source_updated_at", "source_created_at")
@@ -61,3 +62,23 @@ def differences(truth: dict[str, Any], database_url: str, schema: str = "carsync
         elif bad["id"] is not None and bad["id"] in rows:
             problems.append(f"rejected record {bad['id']} reached cars")
     return problems
+
+
+def tables_holding(database_url: str, text: str) -> list[str]:
+    """Every table (warehouse and Dagster storage) with a row whose text contains `text`."""
+    with psycopg.connect(database_url) as conn:
+        tables = conn.execute(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables"
+            " WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
+        ).fetchall()
+        return [
+            table
+            for (table,) in tables
+            if conn.execute(
+                sql.SQL("SELECT EXISTS (SELECT FROM {} AS t WHERE t::text LIKE %s)").format(
+                    sql.SQL(table)
+                ),
+                (f"%{text}%",),
+            ).fetchone()
+            != (False,)
+        ]

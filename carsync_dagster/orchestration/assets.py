@@ -7,7 +7,7 @@ go into a table in that metadata and, for `cars`, into one observation per parti
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +15,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetObservation,
+    AssetsDefinition,
     BackfillPolicy,
     MaterializeResult,
     MetadataValue,
@@ -42,12 +43,8 @@ from carsync_dagster.warehouse.normalised_store import NormalisedStore
 SYNC_ID_TAG = "carsync/sync_id"
 SYNC_KIND_TAG = "carsync/kind"
 GROUP = "carsync"
-# Every asset of the sync: page-range partitions, and a backfill of a range is one run.
-_PAGE_RANGES: dict[str, Any] = {
-    "partitions_def": page_ranges,
-    "backfill_policy": BackfillPolicy.single_run(),
-    "group_name": GROUP,
-}
+# Every asset of the sync has page-range partitions, and a backfill of a range is one run.
+_SINGLE_RUN = BackfillPolicy.single_run()
 
 
 def sync_id_of(context: OpExecutionContext | AssetExecutionContext) -> str:
@@ -66,6 +63,18 @@ def _table(rows: Sequence[dict[str, Any]]) -> MetadataValue:
                 TableColumn(name, "string" if name == "partition" else "float") for name in columns
             ]
         ),
+    )
+
+
+def _page_range_asset(
+    *, deps: Sequence[AssetsDefinition], description: str
+) -> Callable[[Callable[..., Any]], AssetsDefinition]:
+    return asset(
+        deps=deps,
+        description=description,
+        partitions_def=page_ranges,
+        backfill_policy=_SINGLE_RUN,
+        group_name=GROUP,
     )
 
 
@@ -101,7 +110,9 @@ def fetch_pages(
                     todo.append(PartitionPages(key, first_page, min(last_page, first.last_page)))
                 total_pages = sum(max(0, p.last_page - p.first_page + 1) for p in todo)
                 syncs.set_pages_total(conn, warehouse.schema_name, sync_id, total_pages)
-                progress = Progress(conn, warehouse.schema_name, sync_id, "fetch", total_pages)
+                progress = Progress(
+                    conn, warehouse.schema_name, sync_id, "fetch", total_pages, client.stats
+                )
                 rows: list[dict[str, Any]] = []
 
                 def land(partition: PartitionPages, pages: list[Page], seconds: float) -> None:
@@ -138,7 +149,11 @@ def fetch_pages(
             "records": sum(int(r["records"]) for r in rows),
             "requests": stats.requests,
             "retries": stats.retries,
+            "hedged_requests": stats.hedged,
+            "rate_limited_429": stats.by_class.get("429", 0),
             "errors_by_class": MetadataValue.json(stats.by_class),
+            "circuit_breaker_opened": client.breaker.opened,
+            "paced_rps": round(client.rate.rate or 0.0, 1),
             "pages_per_second": round(pages / seconds, 1) if seconds else 0.0,
             "p50_latency_ms": round(stats.percentile(0.5) * 1000, 1),
             "p95_latency_ms": round(stats.percentile(0.95) * 1000, 1),
@@ -150,16 +165,17 @@ def fetch_pages(
 
 @graph_asset(
     description="Raw page bodies of each page range, landed on disk until the next sync.",
-    **_PAGE_RANGES,
+    partitions_def=page_ranges,
+    backfill_policy=_SINGLE_RUN,
+    group_name=GROUP,
 )
 def pages() -> Any:
     return fetch_pages()
 
 
-@asset(
+@_page_range_asset(
     deps=[pages],
     description="Records normalised, validated and hashed with polars (Parquet per partition).",
-    **_PAGE_RANGES,
 )
 def normalised(
     context: AssetExecutionContext, api: ListingsApiResource, warehouse: WarehouseResource
@@ -200,10 +216,9 @@ def normalised(
     )
 
 
-@asset(
+@_page_range_asset(
     deps=[normalised],
     description="The warehouse table: staged with COPY, merged without rewriting unchanged rows.",
-    **_PAGE_RANGES,
 )
 def cars(
     context: AssetExecutionContext, api: ListingsApiResource, warehouse: WarehouseResource

@@ -6,7 +6,7 @@ import time
 
 import psycopg
 
-from carsync_dagster.source.client import Page
+from carsync_dagster.source.client import Page, RequestStats
 from carsync_dagster.warehouse import syncs
 
 _EVERY_SECONDS = 1.0
@@ -14,9 +14,16 @@ _EVERY_SECONDS = 1.0
 
 class Progress:
     def __init__(
-        self, conn: psycopg.Connection, schema: str, sync_id: str, stage: str, total: int
+        self,
+        conn: psycopg.Connection,
+        schema: str,
+        sync_id: str,
+        stage: str,
+        total: int,
+        stats: RequestStats | None = None,
     ) -> None:
         self._conn, self._schema, self._sync_id = conn, schema, sync_id
+        self._stats = stats
         self.stage, self.total = stage, total
         self.done = self.pages = self.records = 0
         self._written_at = 0.0
@@ -39,6 +46,13 @@ class Progress:
     def flush(self) -> None:
         self._written_at = time.monotonic()
         counts = {"pages": self.pages, "records": self.records} if self.stage == "fetch" else {}
+        requests = {}
+        if self._stats is not None:
+            requests = {
+                "retries": self._stats.retries,
+                "rate_limited": self._stats.by_class.get("429", 0),
+                "p95_ms": round(self._stats.percentile(0.95, recent=True) * 1000, 1),
+            }
         syncs.record_progress(
             self._conn,
             self._schema,
@@ -46,5 +60,6 @@ class Progress:
             stage=self.stage,
             done=self.done,
             total=self.total,
+            requests=requests,
             **counts,
         )

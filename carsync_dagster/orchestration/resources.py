@@ -32,6 +32,8 @@ class ListingsApiResource(ConfigurableResource["ListingsApiResource"]):
             self.api_key,
             concurrency=settings.concurrency,
             timeout=settings.request_timeout,
+            rps=settings.rps,
+            policy=settings.retry_policy(),
         )
 
     def landing(self) -> Landing:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -13,12 +14,14 @@ from typing import Any
 import httpx
 import orjson
 
+from carsync_dagster.source.breaker import CircuitBreaker
 from carsync_dagster.source.errors import (
     ApiAuthError,
     ApiConfigError,
     ApiError,
     RetryableApiError,
 )
+from carsync_dagster.source.ratelimit import RateControl
 
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -39,16 +42,23 @@ class RequestStats:
 
     requests: int = 0
     retries: int = 0
+    hedged: int = 0
     by_class: dict[str, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=256))
 
     def count(self, error_class: str) -> None:
         self.by_class[error_class] = self.by_class.get(error_class, 0) + 1
 
-    def percentile(self, fraction: float) -> float:
-        if not self.latencies:
+    def timed(self, seconds: float) -> None:
+        self.latencies.append(seconds)
+        self.recent.append(seconds)
+
+    def percentile(self, fraction: float, *, recent: bool = False) -> float:
+        values = self.recent if recent else self.latencies
+        if not values:
             return 0.0
-        ordered = sorted(self.latencies)
+        ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
@@ -63,22 +73,38 @@ def parse_json(body: bytes) -> Any:
 def parse_page(number: int, body: bytes, seconds: float) -> Page:
     try:
         payload = parse_json(body)
-    except ValueError as error:
-        raise RetryableApiError(f"page {number}: body is not complete JSON ({error})") from None
+    except ValueError:
+        raise RetryableApiError(
+            f"page {number}: body is not complete JSON", kind="truncated"
+        ) from None
     if not isinstance(payload, dict):
-        raise RetryableApiError(f"page {number}: body is not a JSON object")
+        raise RetryableApiError(f"page {number}: body is not a JSON object", kind="bad_body")
     data, meta = payload.get("data"), payload.get("meta")
     if not isinstance(data, list) or not isinstance(meta, dict):
-        raise RetryableApiError(f"page {number}: body has no data list and meta object")
+        raise RetryableApiError(
+            f"page {number}: body has no data list and meta object", kind="bad_body"
+        )
     try:
         last_page, total = int(meta["last_page"]), int(meta["total"])
     except (KeyError, TypeError, ValueError):
-        raise RetryableApiError(f"page {number}: meta lacks last_page/total") from None
+        raise RetryableApiError(
+            f"page {number}: meta lacks last_page/total", kind="bad_body"
+        ) from None
     return Page(number, data, last_page, total, body, seconds)
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 8  # per page, counted while the circuit is closed
+    max_backoff: float = 30.0
+    hedge_after: float = 0.5  # at least this long before a second copy of a slow request
+    breaker_failures: int = 10
+    breaker_cooldown: float = 60.0
+
+
 class ListingsClient:
-    """Owns one httpx connection pool, the key header, timeouts and retries."""
+    """Owns one httpx connection pool, the key header, timeouts, pacing, retries, hedging and
+    the circuit breaker. Every request of a run goes through one client, so they share them."""
 
     def __init__(
         self,
@@ -87,19 +113,23 @@ class ListingsClient:
         *,
         concurrency: int = 16,
         timeout: float = 30.0,
-        max_attempts: int = 8,
-        max_backoff: float = 30.0,
+        rps: float = 0.0,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self._client = httpx.AsyncClient(
             base_url=base_url,
             headers={"X-API-Key": api_key, "Accept": "application/json"},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            # One spare connection per slot: a hedged copy must not wait for the hung original.
+            limits=httpx.Limits(
+                max_connections=2 * concurrency, max_keepalive_connections=2 * concurrency
+            ),
         )
         self._slots = asyncio.Semaphore(concurrency)
         self._deadline = timeout
-        self._max_attempts = max_attempts
-        self._max_backoff = max_backoff
+        self.policy = policy or RetryPolicy()
+        self.rate = RateControl(rps)
+        self.breaker = CircuitBreaker(self.policy.breaker_failures, self.policy.breaker_cooldown)
         self.stats = RequestStats()
 
     async def __aenter__(self) -> ListingsClient:
@@ -117,52 +147,98 @@ class ListingsClient:
         params: dict[str, str | int] = {"page": number, "per_page": per_page}
         if updated_since is not None:
             params["updated_since"] = updated_since
-        for attempt in range(1, self._max_attempts + 1):
-            started = time.perf_counter()
+        attempts = 0
+        while True:
+            probe = await self.breaker.admit()
             try:
-                body = await self._get("/cars", params)
-                return parse_page(number, body, time.perf_counter() - started)
+                body, seconds = await self._hedged("/cars", params)
+                page = parse_page(number, body, seconds)
             except RetryableApiError as error:
-                if attempt == self._max_attempts:
+                self.stats.count(error.kind)
+                if error.is_server_failure:
+                    self.breaker.failed(probe)
+                else:
+                    self.breaker.release(probe)
+                attempts += 0 if probe else 1
+                if attempts >= self.policy.max_attempts:
                     raise ApiError(
-                        f"page {number}: gave up after {attempt} attempts: {error}"
+                        f"page {number}: gave up after {attempts} attempts, last: {error}"
                     ) from None
                 self.stats.retries += 1
-                await asyncio.sleep(self._backoff(attempt, error.retry_after))
-        raise AssertionError("unreachable")
+                await asyncio.sleep(self._backoff(attempts, error.retry_after))
+                continue
+            except BaseException:
+                self.breaker.release(probe)
+                raise
+            self.breaker.succeeded(probe)
+            return page
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return retry_after + random.uniform(0, 0.25)
         # Exponential with full jitter, so concurrent retries spread out.
-        return random.uniform(0, min(self._max_backoff, 0.1 * 2**attempt))
+        return random.uniform(0, min(self.policy.max_backoff, 0.1 * 2**attempt))
 
-    async def _get(self, path: str, params: dict[str, str | int]) -> bytes:
+    async def _hedged(self, path: str, params: dict[str, str | int]) -> tuple[bytes, float]:
+        """One attempt; if it is slow, a second copy races it and the first answer wins, so a
+        hung response costs a fraction of a second instead of the whole timeout."""
+        sent_at: list[float] = []  # when the first copy left, after its slot and pacing
+        first = asyncio.ensure_future(self._attempt(path, params, sent_at))
+        hedge_after = max(self.policy.hedge_after, 4 * self.stats.percentile(0.95, recent=True))
+        while True:
+            waited = time.monotonic() - sent_at[0] if sent_at else 0.0
+            done, _ = await asyncio.wait({first}, timeout=max(0.01, hedge_after - waited))
+            if done:
+                return first.result()
+            if sent_at and time.monotonic() - sent_at[0] >= hedge_after:
+                break
+        self.stats.hedged += 1
+        pending = {first, asyncio.ensure_future(self._attempt(path, params, []))}
+        failure: BaseException | None = None
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    error = task.exception()
+                    if error is None:
+                        return task.result()
+                    if not isinstance(error, RetryableApiError):
+                        raise error
+                    failure = failure or error
+            assert failure is not None
+            raise failure
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def _attempt(
+        self, path: str, params: dict[str, str | int], sent_at: list[float]
+    ) -> tuple[bytes, float]:
         async with self._slots:
+            await self.rate.wait()
             self.stats.requests += 1
+            sent_at.append(time.monotonic())
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(self._deadline):
                     response = await self._client.get(path, params=params)
-                    body = response.content
             except (httpx.TransportError, TimeoutError) as error:
-                # The exception's text is safe (no headers), but keep just its class name.
-                kind = (
-                    "timeout"
-                    if isinstance(error, TimeoutError | httpx.TimeoutException)
-                    else "connection"
-                )
-                self.stats.count(kind)
-                raise RetryableApiError(f"{path}: {kind} error ({type(error).__name__})") from None
+                timed_out = isinstance(error, TimeoutError | httpx.TimeoutException)
+                kind = "timeout" if timed_out else "connection"
+                # Only the class name: exception texts may quote URLs, never worth the risk.
+                raise RetryableApiError(
+                    f"{path}: {kind} error ({type(error).__name__})", kind=kind
+                ) from None
             finally:
-                self.stats.latencies.append(time.perf_counter() - started)
-        return self._check(path, response.status_code, response.headers, body)
+                seconds = time.perf_counter() - started
+                self.stats.timed(seconds)
+        self.rate.record(rejected=response.status_code == 429)
+        return self._check(path, response.status_code, response.headers, response.content), seconds
 
     def _check(self, path: str, status: int, headers: httpx.Headers, body: bytes) -> bytes:
         if status == 200:
             if "html" in headers.get("content-type", ""):
-                self.stats.count("html")
-                raise RetryableApiError(f"{path}: got an HTML page instead of JSON")
+                raise RetryableApiError(f"{path}: got an HTML page instead of JSON", kind="html")
             return body
         if status in (401, 403):
             self.stats.count("auth")
@@ -172,9 +248,12 @@ class ListingsClient:
         if status == 400:
             self.stats.count("config")
             raise ApiConfigError(f"{path}: HTTP 400 from the API: {_error_text(body)}")
+        if status == 429:
+            raise RetryableApiError(
+                f"{path}: HTTP 429", kind="429", retry_after=_retry_after(headers)
+            )
         if status in _RETRY_STATUSES:
-            self.stats.count(str(status))
-            raise RetryableApiError(f"{path}: HTTP {status}", retry_after=_retry_after(headers))
+            raise RetryableApiError(f"{path}: HTTP {status}", kind="5xx")
         self.stats.count(str(status))
         raise ApiError(f"{path}: unexpected HTTP {status} from the API")
 

@@ -16,8 +16,17 @@ class ApiConfigError(ApiError):
 
 
 class RetryableApiError(ApiError):
-    """A fault that may pass: 429, 5xx, timeouts, resets, cut or HTML bodies."""
+    """A fault that may pass: 429, 5xx, timeouts, resets, cut or HTML bodies.
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    `kind` is its class in the metrics: "429", "5xx", "timeout", "connection", "truncated",
+    "html" or "bad_body"."""
+
+    def __init__(self, message: str, *, kind: str, retry_after: float | None = None) -> None:
         super().__init__(message)
+        self.kind = kind
         self.retry_after = retry_after
+
+    @property
+    def is_server_failure(self) -> bool:
+        """429 is the server pacing us, not failing: it never trips the circuit breaker."""
+        return self.kind != "429"

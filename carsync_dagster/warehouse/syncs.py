@@ -60,8 +60,9 @@ def record_progress(
     total: int,
     pages: int | None = None,
     records: int | None = None,
+    requests: Mapping[str, Any] | None = None,
 ) -> None:
-    progress = {"stage": stage, "done": done, "total": total}
+    progress = {"stage": stage, "done": done, "total": total, **(requests or {})}
     conn.execute(
         sql.SQL(
             "UPDATE {} SET last_activity_at = now(), summary = coalesce(summary, '{{}}') || %s,"
