@@ -19,8 +19,9 @@ from typing import Any
 
 import psutil
 import psycopg
+from psycopg import sql
 
-from carsync_dagster.simulator.process import start_simulator
+from carsync_dagster.simulator.process import RunningSimulator, start_simulator
 from carsync_dagster.warehouse.embedded import embedded_database_url, start_embedded_postgres
 
 RESULTS = Path(__file__).parent / "results"
@@ -63,10 +64,65 @@ def run_measured(command: list[str], env: dict[str, str], cwd: Path) -> dict[str
     return {"seconds": round(seconds, 2), "peak_pss_mb": round(peak / 2**20, 1), **summary}
 
 
+HOSTILE = (
+    "--error-rate", "0.05", "--overload-429", "0.05", "--truncate-rate", "0.01",
+    "--html-rate", "0.01", "--hang-rate", "0.01", "--hang-seconds", "30",
+)  # fmt: skip
+LIMIT_RPS = 30
+
+
+class Bench:
+    """Runs `carsync sync --json` as a separate process against simulators it starts."""
+
+    def __init__(self, workdir: Path, database_url: str) -> None:
+        self.workdir, self.database_url = workdir, database_url
+
+    def sync(self, simulator: RunningSimulator, schema: str, **settings: str) -> dict[str, Any]:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("CARSYNC_")},
+            "API_BASE_URL": simulator.base_url,
+            "API_KEY": simulator.api_key,
+            "DATABASE_URL": self.database_url,
+            "CARSYNC_SCHEMA": schema,
+            "CARSYNC_DATA_DIR": str(self.workdir / schema),
+            "DAGSTER_HOME": str(self.workdir / "dagster"),
+            **settings,
+        }
+        command = [sys.executable, "-m", "carsync_dagster", "sync", "--json"]
+        return run_measured(command, env, self.workdir)
+
+    def cold(self, schema: str) -> str:
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        return schema
+
+
+def server_limited(bench: Bench, seconds: float) -> dict[str, Any]:
+    """A sync against a 30 requests/s limit (burst 10): the rate the server admitted."""
+    pages = max(20, int(LIMIT_RPS * seconds))
+    args = ["--rate-limit", str(LIMIT_RPS), "--burst", "10", "--broken-rate", "0"]
+    with start_simulator(cars=pages * 10, seed=2, args=args) as simulator:
+        run = bench.sync(simulator, bench.cold("carsync_bench_limited"), CARSYNC_PAGE_SIZE="10")
+        stats = simulator.control.stats()
+    per_second = {int(k): v for k, v in stats["admitted_per_second"].items()}
+    whole = sorted(per_second)[1:-1] or sorted(per_second)  # first and last are partial
+    admitted = stats["by_status"].get("200", 0)
+    rejected = stats["by_status"].get("429", 0)
+    achieved = sum(per_second[s] for s in whole) / len(whole)
+    return {
+        **run,
+        "limit_rps": LIMIT_RPS,
+        "achieved_rps": round(achieved, 1),
+        "fraction_of_limit": round(achieved / LIMIT_RPS, 3),
+        "fraction_429": round(rejected / max(1, admitted + rejected), 4),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--cars", type=int, default=200_000)
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
+    parser.add_argument("--limit-seconds", type=float, default=25.0)
     parser.add_argument("--output", type=Path, default=RESULTS / "benchmark.json")
     args = parser.parse_args(argv)
 
@@ -77,33 +133,34 @@ def main(argv: list[str] | None = None) -> int:
         if not database_url:
             server = start_embedded_postgres(workdir)
             database_url = embedded_database_url(server)
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute("DROP SCHEMA IF EXISTS carsync_bench CASCADE")  # a cold warehouse
+        bench = Bench(workdir, database_url)
         try:
+            results: dict[str, Any] = {"cars": args.cars}
             with start_simulator(cars=args.cars, seed=1) as simulator:
-                env = {
-                    **{k: v for k, v in os.environ.items() if not k.startswith("CARSYNC_")},
-                    "API_BASE_URL": simulator.base_url,
-                    "API_KEY": simulator.api_key,
-                    "DATABASE_URL": database_url,
-                    "CARSYNC_SCHEMA": "carsync_bench",
-                    "CARSYNC_DATA_DIR": str(workdir / "data"),
-                    "DAGSTER_HOME": str(workdir / "dagster"),
-                }
-                command = [sys.executable, "-m", "carsync_dagster", "sync", "--json"]
-                results = {
-                    "cars": args.cars,
-                    "full_sync": run_measured(command, env, workdir),
-                    "unchanged_resync": run_measured(command, env, workdir),
-                }
+                schema = bench.cold("carsync_bench")
+                results["full_sync"] = bench.sync(simulator, schema)
+                results["unchanged_resync"] = bench.sync(simulator, schema)
+            with start_simulator(cars=args.cars, seed=1, args=HOSTILE) as simulator:
+                results["hostile_sync"] = bench.sync(simulator, bench.cold("carsync_bench_hostile"))
+            results["server_limited"] = server_limited(bench, args.limit_seconds)
         finally:
             if server is not None:
                 server.cleanup()
 
+    report(results)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2))
+    print(f"results: {args.output}")
+    return 0
+
+
+def report(results: dict[str, Any]) -> None:
     rows = results["cars"]
-    line = "{:<18}{:>9}{:>10}{:>13}{:>10}{:>11}"
-    print(line.format("run", "seconds", "rows/s", "peak PSS MB", "inserted", "unchanged"))
-    for name in ("full_sync", "unchanged_resync"):
+    line = "{:<18}{:>9}{:>10}{:>13}{:>10}{:>11}{:>9}"
+    print(
+        line.format("run", "seconds", "rows/s", "peak PSS MB", "inserted", "unchanged", "retries")
+    )
+    for name in ("full_sync", "unchanged_resync", "hostile_sync"):
         run = results[name]
         print(
             line.format(
@@ -113,12 +170,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"{run['peak_pss_mb']:.1f}",
                 f"{run['inserted']:,}",
                 f"{run['unchanged']:,}",
+                f"{run['retries']:,}",
             )
         )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2))
-    print(f"results: {args.output}")
-    return 0
+    ratio = results["hostile_sync"]["seconds"] / results["full_sync"]["seconds"]
+    limited = results["server_limited"]
+    print(f"hostile / clean full sync: {ratio:.2f}x (target <= 1.5x)")
+    print(
+        f"server limit {limited['limit_rps']} req/s: achieved {limited['achieved_rps']} req/s"
+        f" = {limited['fraction_of_limit']:.0%} of the limit (target >= 90%),"
+        f" {limited['fraction_429']:.1%} of requests got 429"
+    )
 
 
 if __name__ == "__main__":

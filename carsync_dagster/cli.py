@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from carsync_dagster.settings import Settings, SettingsError, load_settings
+from carsync_dagster.settings import Settings, SettingsError, load_settings, redact
 
 app = typer.Typer(
     add_completion=False,
@@ -114,18 +114,21 @@ def sync(
     from carsync_dagster.source.errors import ApiError
 
     started = time.perf_counter()
+    secrets = settings.secrets()
     try:
         with open_environment(settings) as env:
+            secrets.append(env.api_key)
             outcome = run_full_sync(env, on_progress=lambda row: _print_progress(row, started))
-    except SyncBusyError as error:
-        err.print(f"carsync: {error}", markup=False)
+    except (SyncBusyError, ApiError) as error:
+        err.print(f"carsync: {redact(str(error), secrets)}", markup=False)
         raise typer.Exit(1) from None
-    except ApiError as error:
-        err.print(f"carsync: {error}", markup=False)
+    except Exception as error:  # anything else: one safe line, never a secret
+        message = redact(f"{type(error).__name__}: {error}".splitlines()[0], secrets)
+        err.print(f"carsync: sync failed: {message}", markup=False)
         raise typer.Exit(1) from None
     summary = {**outcome.summary, "seconds": round(time.perf_counter() - started, 2)}
     if not outcome.success:
-        err.print(f"carsync: sync failed: {outcome.error}", markup=False)
+        err.print(f"carsync: sync failed: {redact(outcome.error or '', secrets)}", markup=False)
     if json_output:
         print(json.dumps({**summary, "success": outcome.success}), flush=True)
     else:

@@ -151,7 +151,7 @@ def _discover_last_page(env: Environment) -> int:
         async with ListingsClient(
             env.api_base_url,
             env.api_key,
-            concurrency=1,
+            concurrency=env.settings.concurrency,
             timeout=env.settings.request_timeout,
             rps=env.settings.rps,
             policy=env.settings.retry_policy(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -118,6 +118,14 @@ class Settings(BaseModel):
             breaker_cooldown=self.breaker_cooldown,
         )
 
+    def secrets(self) -> list[str]:
+        """Values that must never be shown: the key and the database password."""
+        found = [self.api_key.get_secret_value()] if self.api_key else []
+        if self.database_url is not None:
+            password = urlsplit(self.database_url.get_secret_value()).password
+            found += [unquote(password)] if password else []
+        return [value for value in found if value]
+
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).absolute()
@@ -142,3 +150,11 @@ def load_settings(
         message = first["msg"].removeprefix("Value error, ")
         shown = "" if name in _SECRET_SETTINGS else f" (got {first.get('input')!r})"
         raise SettingsError(f"{name}: {message}{shown}") from None
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """`text` with every secret (plain or URL-quoted) replaced by ***."""
+    for secret in secrets:
+        for form in {secret, quote(secret, safe="")}:
+            text = text.replace(form, "***")
+    return text

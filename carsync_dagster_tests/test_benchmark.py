@@ -11,8 +11,8 @@ from pathlib import Path
 def test_benchmark_prints_figures(database_url: str, tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--cars", "3000", "--database-url", database_url,
-         "--output", str(output)],
+        [sys.executable, "-m", "benchmarks", "--cars", "3000", "--limit-seconds", "2",
+         "--database-url", database_url, "--output", str(output)],
         capture_output=True, text=True, timeout=300, check=False,
         cwd=Path(__file__).resolve().parents[1],
     )  # fmt: skip
@@ -23,3 +23,6 @@ def test_benchmark_prints_figures(database_url: str, tmp_path: Path) -> None:
     assert figures["unchanged_resync"]["inserted"] == 0
     assert figures["unchanged_resync"]["updated"] == 0
     assert figures["full_sync"]["peak_pss_mb"] > 0
+    assert figures["hostile_sync"]["inserted"] == figures["full_sync"]["inserted"]
+    assert 0 < figures["server_limited"]["achieved_rps"] <= 40
+    assert "hostile / clean full sync" in result.stdout

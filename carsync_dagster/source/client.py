@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -97,7 +98,9 @@ def parse_page(number: int, body: bytes, seconds: float) -> Page:
 class RetryPolicy:
     max_attempts: int = 8  # per page, counted while the circuit is closed
     max_backoff: float = 30.0
-    hedge_after: float = 0.5  # at least this long before a second copy of a slow request
+    hedge_after: float = 0.5  # at least this long before another copy of a slow request
+    max_hedge_after: float = 5.0
+    max_copies: int = 3  # of one request in flight at once, the original included
     breaker_failures: int = 10
     breaker_cooldown: float = 60.0
 
@@ -180,24 +183,23 @@ class ListingsClient:
         return random.uniform(0, min(self.policy.max_backoff, 0.1 * 2**attempt))
 
     async def _hedged(self, path: str, params: dict[str, str | int]) -> tuple[bytes, float]:
-        """One attempt; if it is slow, a second copy races it and the first answer wins, so a
-        hung response costs a fraction of a second instead of the whole timeout."""
-        sent_at: list[float] = []  # when the first copy left, after its slot and pacing
-        first = asyncio.ensure_future(self._attempt(path, params, sent_at))
-        hedge_after = max(self.policy.hedge_after, 4 * self.stats.percentile(0.95, recent=True))
-        while True:
-            waited = time.monotonic() - sent_at[0] if sent_at else 0.0
-            done, _ = await asyncio.wait({first}, timeout=max(0.01, hedge_after - waited))
-            if done:
-                return first.result()
-            if sent_at and time.monotonic() - sent_at[0] >= hedge_after:
-                break
-        self.stats.hedged += 1
-        pending = {first, asyncio.ensure_future(self._attempt(path, params, []))}
-        failure: BaseException | None = None
+        """One attempt; while it is slow, further copies race it (one per `hedge_after` since
+        the last was sent) and the first answer wins, so hung responses cost a fraction of a
+        second instead of the whole timeout."""
+        # Well above normal latency (which grows under load), but never long.
+        typical = 4 * self.stats.percentile(0.95, recent=True)
+        hedge_after = min(self.policy.max_hedge_after, max(self.policy.hedge_after, typical))
+        last_sent: list[float] = []
+        pending = {asyncio.ensure_future(self._attempt(path, params, last_sent))}
+        copies, failure = 1, None
         try:
             while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                waited = time.monotonic() - last_sent[-1] if last_sent else 0.0
+                done, pending = await asyncio.wait(
+                    pending,
+                    timeout=max(0.01, hedge_after - waited),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 for task in done:
                     error = task.exception()
                     if error is None:
@@ -205,6 +207,13 @@ class ListingsClient:
                     if not isinstance(error, RetryableApiError):
                         raise error
                     failure = failure or error
+                stalled = last_sent and time.monotonic() - last_sent[-1] >= hedge_after
+                if pending and stalled and copies < self.policy.max_copies:
+                    copies += 1
+                    self.stats.hedged += 1
+                    pending.add(
+                        asyncio.ensure_future(self._attempt(path, params, last_sent, hedge=True))
+                    )
             assert failure is not None
             raise failure
         finally:
@@ -212,9 +221,11 @@ class ListingsClient:
                 task.cancel()
 
     async def _attempt(
-        self, path: str, params: dict[str, str | int], sent_at: list[float]
+        self, path: str, params: dict[str, str | int], sent_at: list[float], hedge: bool = False
     ) -> tuple[bytes, float]:
-        async with self._slots:
+        # A hedged copy takes no slot: the slow original holds one, and waiting for another
+        # would make the hedge useless exactly when every slot is stuck.
+        async with contextlib.nullcontext() if hedge else self._slots:
             await self.rate.wait()
             self.stats.requests += 1
             sent_at.append(time.monotonic())
@@ -229,9 +240,9 @@ class ListingsClient:
                 raise RetryableApiError(
                     f"{path}: {kind} error ({type(error).__name__})", kind=kind
                 ) from None
-            finally:
-                seconds = time.perf_counter() - started
-                self.stats.timed(seconds)
+            # Answers only: hung or cancelled copies would inflate the hedging delay.
+            seconds = time.perf_counter() - started
+            self.stats.timed(seconds)
         self.rate.record(rejected=response.status_code == 429)
         return self._check(path, response.status_code, response.headers, response.content), seconds
 

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import pytest
+
+from carsync_dagster.settings import SettingsError, load_settings, redact
+
+
+def test_defaults_follow_the_operations_contract() -> None:
+    settings = load_settings({})
+    assert (settings.page_size, settings.pages_per_partition, settings.concurrency) == (100, 50, 16)
+    assert settings.rps == 0 and settings.schema_name == "carsync"
+    assert settings.api_base_url is None and settings.database_url is None
+
+
+def test_flags_override_the_environment() -> None:
+    settings = load_settings({"CARSYNC_PAGE_SIZE": "5"}, {"CARSYNC_PAGE_SIZE": 7})
+    assert settings.page_size == 7
+
+
+def test_errors_never_show_secrets() -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings({"DATABASE_URL": "mysql://u:hunter2@h/db"})
+    assert "DATABASE_URL" in str(error.value) and "hunter2" not in str(error.value)
+
+
+def test_redact_hides_key_and_password_in_any_spelling() -> None:
+    settings = load_settings(
+        {
+            "API_BASE_URL": "http://api.example",
+            "API_KEY": "k/ey+1",
+            "DATABASE_URL": "postgresql://u:p%40ss@h/db",
+        }
+    )
+    text = "key k/ey+1 or k%2Fey%2B1, password p@ss"
+    assert redact(text, settings.secrets()) == "key *** or ***, password ***"
