@@ -127,7 +127,12 @@ def fetch_pages(
                     )
 
                 await fetch_partitions(
-                    client, todo, settings.page_size, land, on_page=progress.page_done
+                    client,
+                    todo,
+                    settings.page_size,
+                    land,
+                    on_page=progress.page_done,
+                    concurrency=settings.concurrency,
                 )
                 progress.flush()
                 return skipped, rows

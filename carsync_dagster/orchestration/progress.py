@@ -32,7 +32,7 @@ class Progress:
     def page_done(self, page: Page) -> None:
         self.done += 1
         self.pages += 1
-        self.records += len(page.records)
+        self.records += page.record_count
         self._maybe_flush()
 
     def step_done(self) -> None:

@@ -8,7 +8,7 @@ import json
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
@@ -35,6 +35,11 @@ class Page:
     total: int
     body: bytes
     seconds: float
+    record_count: int
+
+    def without_records(self) -> Page:
+        """The raw body is what gets landed; parsed records cost several times its memory."""
+        return replace(self, records=[])
 
 
 @dataclass
@@ -91,7 +96,7 @@ def parse_page(number: int, body: bytes, seconds: float) -> Page:
         raise RetryableApiError(
             f"page {number}: meta lacks last_page/total", kind="bad_body"
         ) from None
-    return Page(number, data, last_page, total, body, seconds)
+    return Page(number, data, last_page, total, body, seconds, len(data))
 
 
 @dataclass(frozen=True)

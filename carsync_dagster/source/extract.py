@@ -23,31 +23,34 @@ async def fetch_partitions(
     per_page: int,
     on_complete: Callable[[PartitionPages, list[Page], float], None],
     on_page: Callable[[Page], None] | None = None,
+    concurrency: int = 16,
 ) -> None:
-    """Fetch every page of `partitions`; pages are requested in partition order, so at most a
-    few partitions are in memory at once. The first error that is not retried cancels the rest."""
-    started: dict[str, float] = {}
-    pending = {p.key: p.last_page - p.first_page + 1 for p in partitions}
-    pages: dict[str, list[Page]] = {p.key: [] for p in partitions}
+    """Fetch every page of `partitions`, handing each partition over as soon as it is complete.
 
-    async def fetch(partition: PartitionPages, number: int) -> None:
-        started.setdefault(partition.key, time.perf_counter())
+    Only a few partitions are in flight at once (enough to keep `concurrency` requests busy
+    while some wait on retries), so a slow page holds back its own partition, never the whole
+    feed in memory; pages are kept as raw bodies only.
+    The first error that is not retried cancels the rest."""
+    pages_each = max(1, max((p.last_page - p.first_page + 1 for p in partitions), default=1))
+    in_flight = asyncio.Semaphore(max(8, -(-8 * concurrency // pages_each)))
+
+    async def fetch_page(number: int) -> Page:
         page = await client.get_page(number, per_page)
         if on_page is not None:
             on_page(page)
-        pages[partition.key].append(page)
-        pending[partition.key] -= 1
-        if pending[partition.key] == 0:
-            on_complete(
-                partition,
-                pages.pop(partition.key),
-                time.perf_counter() - started[partition.key],
-            )
+        return page.without_records()
+
+    async def fetch_partition(partition: PartitionPages) -> None:
+        async with in_flight:
+            started = time.perf_counter()
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(fetch_page(number))
+                    for number in range(partition.first_page, partition.last_page + 1)
+                ]
+            pages = [task.result() for task in tasks]
+            on_complete(partition, pages, time.perf_counter() - started)
 
     async with asyncio.TaskGroup() as group:
         for partition in partitions:
-            for number in range(partition.first_page, partition.last_page + 1):
-                group.create_task(fetch(partition, number))
-    for partition in partitions:
-        if partition.first_page > partition.last_page:
-            on_complete(partition, [], 0.0)
+            group.create_task(fetch_partition(partition))

@@ -55,7 +55,7 @@ class Landing:
                 out.write(page.body.replace(b"\r", b" ").replace(b"\n", b" ") + b"\n")
         os.replace(tmp, self._data_path(key))
         landed = LandedPartition(
-            key, sync_id, len(pages), sum(len(p.records) for p in pages), seconds
+            key, sync_id, len(pages), sum(p.record_count for p in pages), seconds
         )
         _atomic_write(self._manifest_path(key), orjson.dumps(asdict(landed)))
         return landed
