@@ -92,6 +92,16 @@ def _summary_table(summary: dict[str, Any]) -> Table:
 @app.command()
 def sync(
     json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+    incremental: Annotated[
+        bool, typer.Option("--incremental", help="Only what changed since the last sync.")
+    ] = False,
+    allow_mass_deactivation: Annotated[
+        bool,
+        typer.Option(
+            "--allow-mass-deactivation",
+            help="Deactivate missing listings even past CARSYNC_MAX_DEACTIVATION (this run).",
+        ),
+    ] = False,
     api_base_url: ApiBaseUrl = None,
     database_url: DatabaseUrl = None,
     schema: Schema = None,
@@ -100,7 +110,7 @@ def sync(
     concurrency: Concurrency = None,
     rps: Rps = None,
 ) -> None:
-    """Run one complete sync through Dagster."""
+    """Run one sync through Dagster: complete by default, or --incremental."""
     settings = _settings(
         api_base_url=api_base_url,
         database_url=database_url,
@@ -110,7 +120,7 @@ def sync(
         concurrency=concurrency,
         rps=rps,
     )
-    from carsync_dagster.runner import SyncBusyError, open_environment, run_full_sync
+    from carsync_dagster.runner import SyncBusyError, open_environment, run_sync
     from carsync_dagster.source.errors import ApiError
 
     started = time.perf_counter()
@@ -118,7 +128,12 @@ def sync(
     try:
         with open_environment(settings) as env:
             secrets.append(env.api_key)
-            outcome = run_full_sync(env, on_progress=lambda row: _print_progress(row, started))
+            outcome = run_sync(
+                env,
+                incremental=incremental,
+                allow_mass_deactivation=allow_mass_deactivation,
+                on_progress=lambda row: _print_progress(row, started),
+            )
     except (SyncBusyError, ApiError) as error:
         err.print(f"carsync: {redact(str(error), secrets)}", markup=False)
         raise typer.Exit(1) from None

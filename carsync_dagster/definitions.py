@@ -3,12 +3,13 @@
 from dagster import Definitions, EnvVar
 
 from carsync_dagster.orchestration.assets import cars, normalised, pages
-from carsync_dagster.orchestration.jobs import full_sync_job
+from carsync_dagster.orchestration.changes import recent_changes, vanished_listings
+from carsync_dagster.orchestration.jobs import full_sync_job, incremental_sync_job
 from carsync_dagster.orchestration.resources import ListingsApiResource, WarehouseResource
 
 defs = Definitions(
-    assets=[pages, normalised, cars],
-    jobs=[full_sync_job],
+    assets=[pages, normalised, cars, recent_changes, vanished_listings],
+    jobs=[full_sync_job, incremental_sync_job],
     resources={
         "api": ListingsApiResource(base_url=EnvVar("API_BASE_URL"), api_key=EnvVar("API_KEY")),
         "warehouse": WarehouseResource(database_url=EnvVar("DATABASE_URL")),

@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 
 from carsync_dagster.settings import Settings
+from carsync_dagster.source.errors import ApiError
 from carsync_dagster.warehouse import syncs
 from carsync_dagster.warehouse.schema import migrate
 
@@ -109,6 +110,8 @@ def open_environment(
             "CARSYNC_MAX_ATTEMPTS": str(settings.max_attempts),
             "CARSYNC_BREAKER_FAILURES": str(settings.breaker_failures),
             "CARSYNC_BREAKER_COOLDOWN": str(settings.breaker_cooldown),
+            "CARSYNC_MAX_DEACTIVATION": str(settings.max_deactivation),
+            "CARSYNC_WATERMARK_MARGIN": str(settings.watermark_margin),
         }
         saved = {name: os.environ.get(name) for name in env}
         os.environ.update(env)
@@ -182,90 +185,97 @@ def _materialization_metadata(result: Any, asset: str) -> dict[str, Any]:
     return {}
 
 
-def run_full_sync(
-    env: Environment, on_progress: Callable[[dict[str, Any]], None] | None = None
+def run_sync(
+    env: Environment,
+    *,
+    incremental: bool = False,
+    allow_mass_deactivation: bool = False,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> SyncOutcome:
-    """One complete sync through Dagster: one run over every page-range partition."""
+    """One sync through Dagster: a full sync is one run over every page-range partition (then
+    the catch-up and vanished-listings steps); an incremental one runs `recent_changes`."""
     quiet_chosen_dagster_warnings()
     from dagster import DagsterInstance
 
     from carsync_dagster.definitions import defs
     from carsync_dagster.orchestration.assets import SYNC_ID_TAG, SYNC_KIND_TAG
+    from carsync_dagster.orchestration.changes import ALLOW_MASS_DEACTIVATION_TAG
     from carsync_dagster.orchestration.partitions import partition_keys
 
     schema = env.settings.schema_name
+    kind = "incremental" if incremental else "full"
     started = time.perf_counter()
     with psycopg.connect(env.database_url, autocommit=True) as lock_conn:
         if not syncs.try_writer_lock(lock_conn, schema):
             raise SyncBusyError(
                 f"another sync is writing to schema {schema!r}; wait for it to finish"
             )
-        sync_id = syncs.resumable_sync(lock_conn, schema) or uuid.uuid4().hex
-        keys = partition_keys(_discover_last_page(env), env.settings.pages_per_partition)
-        syncs.begin_sync(lock_conn, schema, sync_id, "full", "")
-        if not keys:
-            summary = _summary({}, {}, {}, time.perf_counter() - started)
-            syncs.finish_sync(lock_conn, schema, sync_id, status="succeeded", summary=summary)
-            return SyncOutcome(sync_id, None, True, summary)
+        resumed = None if incremental else syncs.resumable_sync(lock_conn, schema)
+        sync_id = resumed or uuid.uuid4().hex
+        tags = {SYNC_ID_TAG: sync_id, SYNC_KIND_TAG: kind}
+        if allow_mass_deactivation:
+            tags[ALLOW_MASS_DEACTIVATION_TAG] = "true"
         instance = DagsterInstance.get()
-        _register_partitions(instance, keys)
+        if not incremental:
+            keys = partition_keys(_discover_last_page(env), env.settings.pages_per_partition)
+            if not keys:
+                raise ApiError("the API lists no cars at all: nothing to sync")
+            _register_partitions(instance, keys)
+            tags["dagster/asset_partition_range_start"] = keys[0]
+            tags["dagster/asset_partition_range_end"] = keys[-1]
+        syncs.begin_sync(lock_conn, schema, sync_id, kind, "")
         watcher = _ProgressWatcher(env.database_url, schema, sync_id, on_progress)
         watcher.start()
         try:
-            result = defs.resolve_job_def("full_sync").execute_in_process(
+            result = defs.resolve_job_def(f"{kind}_sync").execute_in_process(
                 instance=instance,
-                tags={
-                    "dagster/asset_partition_range_start": keys[0],
-                    "dagster/asset_partition_range_end": keys[-1],
-                    SYNC_ID_TAG: sync_id,
-                    SYNC_KIND_TAG: "full",
-                },
+                tags=tags,
                 run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
                 raise_on_error=False,
             )
         finally:
             watcher.stop()
-        summary = _summary(
-            _materialization_metadata(result, "pages"),
-            _materialization_metadata(result, "normalised"),
-            _materialization_metadata(result, "cars"),
-            time.perf_counter() - started,
-        )
+        summary = _summary(result, time.perf_counter() - started)
         error = None if result.success else _first_failure(result)
-        syncs.finish_sync(
-            lock_conn,
-            schema,
-            sync_id,
-            status="succeeded" if result.success else "failed",
-            summary=summary,
-            error=error,
-        )
+        status = "succeeded" if result.success else "failed"
+        syncs.finish_sync(lock_conn, schema, sync_id, status=status, summary=summary, error=error)
         return SyncOutcome(sync_id, result.run_id, result.success, summary, error)
 
 
-def _summary(
-    pages: dict[str, Any], normalised: dict[str, Any], cars: dict[str, Any], seconds: float
-) -> dict[str, Any]:
+def _summary(result: Any, seconds: float) -> dict[str, Any]:
+    pages = _materialization_metadata(result, "pages")
+    normalised = _materialization_metadata(result, "normalised")
+    cars = _materialization_metadata(result, "cars")
+    recent = _materialization_metadata(result, "recent_changes")
+    gone = _materialization_metadata(result, "vanished_listings")
+
+    def total(name: str, *sources: dict[str, Any]) -> int:
+        return sum(int(source.get(name, 0)) for source in sources)
+
     return {
-        "pages": int(pages.get("pages", 0)),
-        "fetched": int(pages.get("records", 0)),
-        "inserted": int(cars.get("inserted", 0)),
-        "updated": int(cars.get("updated", 0)),
-        "unchanged": int(cars.get("unchanged", 0)),
-        "rejected": int(normalised.get("rejected", 0)),
-        "partitions": int(pages.get("partitions_fetched", 0))
-        + int(pages.get("partitions_skipped", 0)),
-        "partitions_resumed": int(pages.get("partitions_skipped", 0)),
-        "requests": int(pages.get("requests", 0)),
-        "retries": int(pages.get("retries", 0)),
-        "hedged": int(pages.get("hedged_requests", 0)),
+        "pages": total("pages", pages, recent),
+        "fetched": total("records", pages) + total("fetched", recent),
+        "inserted": total("inserted", cars, recent),
+        "updated": total("updated", cars, recent),
+        "unchanged": total("unchanged", cars, recent),
+        "rejected": total("rejected", normalised, recent),
+        "deactivated": total("deactivated", gone),
+        "vanished_candidates": total("candidates", gone),
+        "partitions": total("partitions_fetched", pages) + total("partitions_skipped", pages),
+        "partitions_resumed": total("partitions_skipped", pages),
+        "requests": total("requests", pages),
+        "retries": total("retries", pages, recent),
+        "hedged": total("hedged_requests", pages),
         "errors": dict(pages.get("errors_by_class", {})),
-        "p95_latency_ms": float(pages.get("p95_latency_ms", 0.0)),
+        "p95_latency_ms": float(pages.get("p95_latency_ms", recent.get("p95_latency_ms", 0.0))),
         "seconds": round(seconds, 2),
     }
 
 
 def _first_failure(result: Any) -> str:
+    for evaluation in result.get_asset_check_evaluations():
+        if not evaluation.passed:
+            return f"check {evaluation.check_name} failed: {evaluation.description}"
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data.error is not None:
             error = event.step_failure_data.error

@@ -48,6 +48,8 @@ class Settings(BaseModel):
     max_attempts: int = Field(default=8, validation_alias="CARSYNC_MAX_ATTEMPTS")
     breaker_failures: int = Field(default=10, validation_alias="CARSYNC_BREAKER_FAILURES")
     breaker_cooldown: float = Field(default=60.0, validation_alias="CARSYNC_BREAKER_COOLDOWN")
+    max_deactivation: float = Field(default=0.05, validation_alias="CARSYNC_MAX_DEACTIVATION")
+    watermark_margin: float = Field(default=300.0, validation_alias="CARSYNC_WATERMARK_MARGIN")
     data_dir: str = Field(default=".carsync", validation_alias="CARSYNC_DATA_DIR")
 
     @field_validator("api_base_url")
@@ -91,7 +93,14 @@ class Settings(BaseModel):
             raise ValueError("must be at least 1")
         return value
 
-    @field_validator("rps")
+    @field_validator("max_deactivation")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0 <= value <= 1:
+            raise ValueError("must be a fraction between 0 and 1")
+        return value
+
+    @field_validator("rps", "watermark_margin")
     @classmethod
     def _not_negative(cls, value: float) -> float:
         if value < 0:

@@ -17,6 +17,7 @@ import httpx
 import orjson
 import pytest
 
+from carsync_dagster.simulator.data import Store
 from carsync_dagster.simulator.process import RunningSimulator, start_simulator
 from carsync_dagster.simulator.server import main
 
@@ -360,6 +361,61 @@ def test_mutate_changes_exactly_what_it_says(sim: RunningSimulator, client: http
     assert all(back[cid] == before[cid] for cid in done["deleted"])
     assert all(client.get(f"/cars/{cid}").status_code == 200 for cid in done["deleted"])
     assert not set(done["deleted"]) & set(sim.control.truth()["deleted"])
+
+
+def test_fix_at_the_source_makes_broken_records_valid(
+    sim: RunningSimulator, client: httpx.Client
+) -> None:
+    before = sim.control.truth()
+    cars = {c["id"]: c for c in before["cars"]}
+    latest = max(c["source_updated_at"] for c in cars.values())
+    fixable = {r["id"] for r in before["rejected"] if r["id"] and isinstance(r["raw"], dict)}
+    assert len(fixable) > 4
+
+    fixed = sim.control.fix(count=3)
+    assert len(fixed) == 3
+    assert set(fixed) <= fixable
+    assert fixed == sorted(fixed)
+    # By id: only live broken listings with a usable id, not yet fixed, are fixed.
+    pick = min(fixable - set(fixed))
+    others = [fixed[0], next(iter(cars)), "nonsense", f"KA{CARS + 10_000:09d}"]
+    assert sim.control.fix(ids=[f" {pick} ", *others]) == [pick]
+    assert sim.control.fix() == []
+    for bad in ({"count": -1}, {"count": "3"}, {"ids": "KA000000001"}):
+        assert client.post("/_sim/fix", json=bad).status_code == 400
+    fixed.append(pick)
+
+    truth = sim.control.truth()
+    after = {c["id"]: c for c in truth["cars"]}
+    assert after.keys() == cars.keys() | set(fixed)
+    assert all(after[cid] == cars[cid] for cid in cars)
+    still = [canon(r) for r in before["rejected"] if r["id"] not in fixed]
+    assert sorted(map(canon, truth["rejected"])) == sorted(still)
+    for cid in fixed:
+        r = client.get(f"/cars/{cid}")
+        assert r.status_code == 200
+        assert reference(r.json()) == ("ok", cid, after[cid])
+        assert after[cid]["source_updated_at"] > latest
+
+    changed = all_pages(client, updated_since=latest)
+    assert [clean_id(i) for i in changed] == fixed  # two fixes, so (updated_at, id) order
+    assert [reference(i)[2] for i in changed] == [after[cid] for cid in fixed]
+
+
+def test_fix_is_deterministic_and_runs_out() -> None:
+    one, two = Store(2000, 7, 0.05), Store(2000, 7, 0.05)
+    first = one.fix(5)
+    assert first == two.fix(5)
+    assert len(first) == 5
+    rest = one.fix(10**6)
+    assert rest
+    assert not set(rest) & set(first)
+    assert one.fix(1) == []
+    fixed = set(first + rest)
+    for i in range(one.total):
+        ok, row = one.truth(i)
+        assert ok or row["id"] is None  # only the broken kinds without a usable id are left
+        assert ok or row["id"] not in fixed
 
 
 def test_drift_shifts_pages(sim: RunningSimulator, client: httpx.Client, faults: Any) -> None:

@@ -41,7 +41,7 @@ def _car(number: int, **changes: Any) -> dict[str, Any]:
 
 def _merge(conn: psycopg.Connection, records: list[Any]) -> tuple[int, int, int, int]:
     batch = normalise(records, this_year=2026)
-    counts = merge_batch(conn, "carsync", batch.cars, batch.rejected)
+    counts = merge_batch(conn, "carsync", batch.cars, batch.rejected, "test-sync")
     return counts.inserted, counts.updated, counts.unchanged, counts.rejected
 
 

@@ -187,7 +187,7 @@ def normalised(
 ) -> MaterializeResult[None]:
     landing, store = api.landing(), NormalisedStore(api.normalised_dir())
     sync_id = sync_id_of(context)
-    this_year = _sync_year(warehouse, sync_id)
+    this_year = sync_year(warehouse, sync_id)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     with warehouse.connect(autocommit=True) as conn:
@@ -240,7 +240,8 @@ def cars(
         for key in context.partition_keys:
             began = time.perf_counter()
             cars_frame, rejected_frame = store.read(key)
-            counts = merge_batch(conn, warehouse.schema_name, cars_frame, rejected_frame)
+            counts = merge_batch(conn, warehouse.schema_name, cars_frame, rejected_frame, sync_id)
+            syncs.raise_watermark(status_conn, warehouse.schema_name, sync_id, counts.newest_update)
             row = {
                 "partition": key,
                 "rows": counts.staged,
@@ -258,11 +259,6 @@ def cars(
             )
             progress.step_done()
         progress.flush()
-        if SYNC_ID_TAG not in context.run.tags:
-            # A run launched from the UI has no `carsync sync` around it to close the sync.
-            syncs.finish_sync(
-                status_conn, warehouse.schema_name, sync_id, status="succeeded", summary=totals
-            )
     seconds = time.perf_counter() - started
     return MaterializeResult(
         metadata={
@@ -274,7 +270,7 @@ def cars(
     )
 
 
-def _sync_year(warehouse: WarehouseResource, sync_id: str) -> int:
+def sync_year(warehouse: WarehouseResource, sync_id: str) -> int:
     """ "This year" of the rejection rules: the UTC year when the sync started."""
     with warehouse.connect(autocommit=True) as conn:
         row = syncs.read_sync(conn, warehouse.schema_name, sync_id)

@@ -5,11 +5,21 @@ from __future__ import annotations
 from dagster import AssetSelection, define_asset_job
 
 from carsync_dagster.orchestration.assets import cars, normalised, pages
+from carsync_dagster.orchestration.changes import recent_changes, vanished_listings
 from carsync_dagster.orchestration.partitions import page_ranges
 
 full_sync_job = define_asset_job(
     "full_sync",
-    selection=AssetSelection.assets(pages, normalised, cars),
+    selection=AssetSelection.assets(pages, normalised, cars, recent_changes, vanished_listings),
     partitions_def=page_ranges,
-    description="Fetch, normalise and merge every page range in one run.",
+    description=(
+        "Fetch, normalise and merge every page range in one run, catch up on changes made "
+        "meanwhile, then confirm and mark the listings that left the feed."
+    ),
+)
+
+incremental_sync_job = define_asset_job(
+    "incremental_sync",
+    selection=AssetSelection.assets(recent_changes),
+    description="Merge the listings created or updated since the last successful sync.",
 )

@@ -2,7 +2,8 @@
 
 Car ``i`` has id ``KA{i:09d}``. Everything stable about it comes from an integer hash of
 (seed, i); price, mileage and status also from its version. The only state kept per listing is
-a few array slots (updated_at, version, alive), so a million listings cost a few tens of MB.
+a few array slots (updated_at, version, alive), so a million listings cost a few tens of MB;
+broken listings fixed at the source since start are a small set of indices.
 Truth rows are built from the generated values, never by normalising the served spellings.
 """
 
@@ -204,7 +205,9 @@ class Store:
         self.touched = array("q")
         self.clock = self._initial_times(cars - 1)[1] if cars else ANCHOR
         self.rng = random.Random(mix(base ^ 5))
+        self.fixed: set[int] = set()  # broken at start, valid since a fix() at the source
         self._codes: bytearray | None = None
+        self._fixable: array[int] | None = None  # broken at start with a usable id, sorted
         self._cache: dict[tuple[Any, ...], array[int]] = {}
 
     # ---- per-listing values -------------------------------------------------------------
@@ -231,7 +234,9 @@ class Store:
         if i >= self.n0 or not self.broken_ppm:
             return -1
         h = mix(self.k_broken ^ i)
-        return (h >> 32) % len(BROKEN) if h % 1_000_000 < self.broken_ppm else -1
+        if h % 1_000_000 >= self.broken_ppm or i in self.fixed:
+            return -1
+        return (h >> 32) % len(BROKEN)
 
     def maker_code(self, i: int) -> int:
         return MAKER_TABLE[mix(self.k_car ^ i) % 1000]
@@ -521,6 +526,50 @@ class Store:
             self._changed()
         return back
 
+    def _fixable_all(self) -> array[int]:
+        """Listings broken at start in a way that keeps their id (year, price, mileage kinds)."""
+        if self._fixable is None:
+            k, ppm, kinds = self.k_broken, self.broken_ppm, len(BROKEN)
+            self._fixable = array(
+                "q",
+                [
+                    i
+                    for i in range(self.n0 if ppm else 0)
+                    if (h := mix(k ^ i)) % 1_000_000 < ppm and BROKEN[(h >> 32) % kinds][1]
+                ],
+            )
+        return self._fixable
+
+    def fix(self, count: int = 0, ids: Sequence[str] = (), seed: int | None = None) -> list[str]:
+        """Fix broken listings at the source: from now on they are served valid.
+
+        Fixes the listed ids that name a live broken listing with a usable id, then up to
+        `count` more such listings picked at random. Fixed listings get one fresh updated_at
+        (later than every other), so an updated_since sync finds them. Returns the fixed ids.
+        """
+        rng = self.rng if seed is None else random.Random(seed)
+        fixable, alive, fixed = self._fixable_all(), self.alive, self.fixed
+        chosen: set[int] = set()
+        for raw in ids:
+            i = parse_id(raw)
+            if i is None or i >= self.total or not alive[i] or i in fixed:
+                continue
+            k = bisect.bisect_left(fixable, i)
+            if k < len(fixable) and fixable[k] == i:
+                chosen.add(i)
+        if count:
+            rest = [i for i in fixable if alive[i] and i not in fixed and i not in chosen]
+            chosen.update(rng.sample(rest, min(count, len(rest))))
+        if not chosen:
+            return []
+        ts = self._tick()
+        done = sorted(chosen)
+        for i in done:
+            fixed.add(i)
+            self._touch(i, ts)
+        self._changed()
+        return [car_id(i) for i in done]
+
     def truth_json(self, chunk: int = 2000) -> Iterator[bytes]:
         """The truth as JSON in pieces: {"cars": [...], "rejected": [...], "deleted": [...]}.
 
@@ -531,6 +580,7 @@ class Store:
         snap.live, snap.alive = array("q", self.live), bytearray(self.alive)
         snap.updated, snap.version = array("q", self.updated), array("I", self.version)
         snap.created_new = array("q", self.created_new)
+        snap.fixed = set(self.fixed)
         gone, i = [], self.alive.find(0)
         while i >= 0:
             gone.append(car_id(i))

@@ -54,6 +54,19 @@ class SimulatorControl:
         result: list[str] = self._call("POST", "/_sim/undelete", {"ids": list(ids)})["undeleted"]
         return result
 
+    def fix(
+        self, count: int = 0, ids: Sequence[str] | None = None, seed: int | None = None
+    ) -> list[str]:
+        """Fix broken listings with a usable id at the source: `ids`, then `count` random ones.
+
+        They are served valid from then on, with a fresh updated_at. Returns the fixed ids.
+        """
+        body: dict[str, Any] = {"count": count, "ids": list(ids or ())}
+        if seed is not None:
+            body["seed"] = seed
+        result: list[str] = self._call("POST", "/_sim/fix", body)["fixed"]
+        return result
+
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/_sim/stats")
         return result

@@ -33,7 +33,7 @@ MAINTENANCE_PAGE = (
     b"</body></html>\n"
 )
 ERROR_STATUSES = (500, 502, 503, 504)
-CONTROL_POSTS = ("/_sim/mutate", "/_sim/undelete", "/_sim/config")
+CONTROL_POSTS = ("/_sim/mutate", "/_sim/undelete", "/_sim/fix", "/_sim/config")
 CLIENT_GONE = 499  # recorded in the stats for a hang the client gave up on
 
 Message = dict[str, Any]
@@ -288,6 +288,16 @@ class SimulatorApp:
             if not isinstance(ids, list) or not all(isinstance(x, str) for x in ids):
                 raise ValueError("ids must be a list of strings")
             return {"undeleted": self.store.undelete(ids)}
+        if path == "/_sim/fix":
+            count, ids, seed = body.get("count", 0), body.get("ids"), body.get("seed")
+            ids = [] if ids is None else ids
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError("count must be an integer >= 0")
+            if not isinstance(ids, list) or not all(isinstance(x, str) for x in ids):
+                raise ValueError("ids must be a list of strings")
+            if seed is not None and not isinstance(seed, int):
+                raise ValueError("seed must be an integer")
+            return {"fixed": self.store.fix(count, ids, seed)}
         self.faults.update(body)  # /_sim/config
         if "fault_seed" in body:
             self.rng = random.Random(self.faults.fault_seed)

@@ -8,9 +8,11 @@ import json
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -25,6 +27,7 @@ from carsync_dagster.source.errors import (
 from carsync_dagster.source.ratelimit import RateControl
 
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -155,12 +158,37 @@ class ListingsClient:
         params: dict[str, str | int] = {"page": number, "per_page": per_page}
         if updated_since is not None:
             params["updated_since"] = updated_since
+        page: Page | None = await self._request(
+            "/cars",
+            params,
+            f"page {number}",
+            lambda body, seconds: parse_page(number, body, seconds),
+        )
+        assert page is not None  # a list page is never a 404
+        return page
+
+    async def get_car(self, car_id: str) -> Any | None:
+        """One listing as served, or None when the API says it is gone (404)."""
+        return await self._request(
+            f"/cars/{quote(car_id, safe='')}", {}, f"car {car_id}", _parse_car, gone_if_404=True
+        )
+
+    async def _request(
+        self,
+        path: str,
+        params: dict[str, str | int],
+        what: str,
+        parse: Callable[[bytes, float], T],
+        *,
+        gone_if_404: bool = False,
+    ) -> T | None:
+        """Retries, backoff and the circuit breaker around one logical request."""
         attempts = 0
         while True:
             probe = await self.breaker.admit()
             try:
-                body, seconds = await self._hedged("/cars", params)
-                page = parse_page(number, body, seconds)
+                answer = await self._hedged(path, params, gone_if_404)
+                result = None if answer is None else parse(*answer)
             except RetryableApiError as error:
                 self.stats.count(error.kind)
                 if error.is_server_failure:
@@ -170,7 +198,7 @@ class ListingsClient:
                 attempts += 0 if probe else 1
                 if attempts >= self.policy.max_attempts:
                     raise ApiError(
-                        f"page {number}: gave up after {attempts} attempts, last: {error}"
+                        f"{what}: gave up after {attempts} attempts, last: {error}"
                     ) from None
                 self.stats.retries += 1
                 await asyncio.sleep(self._backoff(attempts, error.retry_after))
@@ -179,7 +207,7 @@ class ListingsClient:
                 self.breaker.release(probe)
                 raise
             self.breaker.succeeded(probe)
-            return page
+            return result
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -187,7 +215,9 @@ class ListingsClient:
         # Exponential with full jitter, so concurrent retries spread out.
         return random.uniform(0, min(self.policy.max_backoff, 0.1 * 2**attempt))
 
-    async def _hedged(self, path: str, params: dict[str, str | int]) -> tuple[bytes, float]:
+    async def _hedged(
+        self, path: str, params: dict[str, str | int], gone_if_404: bool = False
+    ) -> tuple[bytes, float] | None:
         """One attempt; while it is slow, further copies race it (one per `hedge_after` since
         the last was sent) and the first answer wins, so hung responses cost a fraction of a
         second instead of the whole timeout."""
@@ -195,7 +225,7 @@ class ListingsClient:
         typical = 4 * self.stats.percentile(0.95, recent=True)
         hedge_after = min(self.policy.max_hedge_after, max(self.policy.hedge_after, typical))
         last_sent: list[float] = []
-        pending = {asyncio.ensure_future(self._attempt(path, params, last_sent))}
+        pending = {asyncio.ensure_future(self._attempt(path, params, last_sent, gone_if_404))}
         copies, failure = 1, None
         try:
             while pending:
@@ -217,7 +247,9 @@ class ListingsClient:
                     copies += 1
                     self.stats.hedged += 1
                     pending.add(
-                        asyncio.ensure_future(self._attempt(path, params, last_sent, hedge=True))
+                        asyncio.ensure_future(
+                            self._attempt(path, params, last_sent, gone_if_404, hedge=True)
+                        )
                     )
             assert failure is not None
             raise failure
@@ -226,8 +258,13 @@ class ListingsClient:
                 task.cancel()
 
     async def _attempt(
-        self, path: str, params: dict[str, str | int], sent_at: list[float], hedge: bool = False
-    ) -> tuple[bytes, float]:
+        self,
+        path: str,
+        params: dict[str, str | int],
+        sent_at: list[float],
+        gone_if_404: bool = False,
+        hedge: bool = False,
+    ) -> tuple[bytes, float] | None:
         # A hedged copy takes no slot: the slow original holds one, and waiting for another
         # would make the hedge useless exactly when every slot is stuck.
         async with contextlib.nullcontext() if hedge else self._slots:
@@ -249,6 +286,8 @@ class ListingsClient:
             seconds = time.perf_counter() - started
             self.stats.timed(seconds)
         self.rate.record(rejected=response.status_code == 429)
+        if gone_if_404 and response.status_code == 404:
+            return None
         return self._check(path, response.status_code, response.headers, response.content), seconds
 
     def _check(self, path: str, status: int, headers: httpx.Headers, body: bytes) -> bytes:
@@ -272,6 +311,13 @@ class ListingsClient:
             raise RetryableApiError(f"{path}: HTTP {status}", kind="5xx")
         self.stats.count(str(status))
         raise ApiError(f"{path}: unexpected HTTP {status} from the API")
+
+
+def _parse_car(body: bytes, seconds: float) -> Any:
+    try:
+        return parse_json(body)
+    except ValueError:
+        raise RetryableApiError("car: body is not complete JSON", kind="truncated") from None
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:

@@ -54,3 +54,24 @@ async def fetch_partitions(
     async with asyncio.TaskGroup() as group:
         for partition in partitions:
             group.create_task(fetch_partition(partition))
+
+
+async def fetch_updated_since(
+    client: ListingsClient,
+    since: str,
+    per_page: int,
+    on_batch: Callable[[list[Page]], None],
+    batch_pages: int = 50,
+) -> int:
+    """Every page of `/cars?updated_since=…`, handed over `batch_pages` at a time in page order;
+    returns the number of pages. The order is by (updated_at, id), so a listing updated while
+    we page moves to the end, where this pass or the next incremental finds it."""
+    first = await client.get_page(1, per_page, updated_since=since)
+    on_batch([first])
+    numbers = list(range(2, first.last_page + 1))
+    for start in range(0, len(numbers), batch_pages):
+        chunk = numbers[start : start + batch_pages]
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(client.get_page(n, per_page, since)) for n in chunk]
+        on_batch([task.result() for task in tasks])
+    return first.last_page if first.records else 1

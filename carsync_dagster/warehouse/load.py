@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import polars as pl
 import psycopg
@@ -13,6 +14,7 @@ from carsync_dagster.warehouse.schema import read_sql, set_search_path
 # Keeps a merge from waiting behind a stray lock for ever; readers never wait on us (no table
 # locks on `cars`, row locks only on rows that really change).
 _LOCK_TIMEOUT = "10s"
+_STATEMENT_TIMEOUT = "5min"
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class MergeCounts:
     inserted: int
     updated: int
     rejected: int
+    newest_update: datetime | None = None  # the batch's newest source updated_at
 
     @property
     def unchanged(self) -> int:
@@ -39,21 +42,31 @@ def _copy_frame(cur: psycopg.Cursor, table: str, frame: pl.DataFrame) -> None:
 
 
 def merge_batch(
-    conn: psycopg.Connection, schema: str, cars: pl.DataFrame, rejected: pl.DataFrame
+    conn: psycopg.Connection,
+    schema: str,
+    cars: pl.DataFrame,
+    rejected: pl.DataFrame,
+    sync_id: str,
 ) -> MergeCounts:
-    """Stage and merge one partition's records in a single transaction."""
+    """Stage and merge one partition's records in a single transaction, recording the ids as
+    seen by `sync_id`."""
     with conn.transaction(), conn.cursor() as cur:
         set_search_path(conn, schema)
         cur.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(_LOCK_TIMEOUT)))
+        cur.execute(
+            sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(_STATEMENT_TIMEOUT))
+        )
         # TRUNCATE's exclusive lock on staging also serialises concurrent merges.
         cur.execute("TRUNCATE cars_staging, cars_rejected_staging")
         _copy_frame(cur, "cars_staging", cars)
         _copy_frame(cur, "cars_rejected_staging", rejected)
-        cur.execute(read_sql("merge_cars.sql").encode())
+        cur.execute(read_sql("merge_cars.sql").encode(), {"sync_id": sync_id})
         row = cur.fetchone()
         assert row is not None
         staged, inserted, updated = (int(value) for value in row)
         if not rejected.is_empty():
             cur.execute(read_sql("merge_rejected.sql").encode())
         cur.execute(read_sql("resolve_rejected.sql").encode())
-    return MergeCounts(staged, inserted, updated, rejected.height)
+    newest = cars.get_column("source_updated_at").max()
+    newest_update = newest if isinstance(newest, datetime) else None
+    return MergeCounts(staged, inserted, updated, rejected.height, newest_update)

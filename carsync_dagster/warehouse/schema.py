@@ -12,7 +12,10 @@ from psycopg import sql
 _MIGRATION_LOCK = 0x6361_7273_796E_6301  # "carsync" + 1
 
 # (version, file): append only; never edit a migration that has shipped.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, "0001_initial.sql"),)
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (1, "0001_initial.sql"),
+    (2, "0002_history_seen_watermark.sql"),
+)
 
 
 @cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -113,3 +114,26 @@ def recent_syncs(conn: psycopg.Connection, schema: str, limit: int = 10) -> list
             (limit,),
         )
         return cur.fetchall()
+
+
+def raise_watermark(
+    conn: psycopg.Connection, schema: str, sync_id: str, newest: datetime | None
+) -> None:
+    if newest is not None:
+        conn.execute(
+            sql.SQL("UPDATE {} SET watermark = GREATEST(watermark, %s) WHERE sync_id = %s").format(
+                _table(schema)
+            ),
+            (newest, sync_id),
+        )
+
+
+def last_watermark(conn: psycopg.Connection, schema: str, other_than: str) -> datetime | None:
+    """The newest source updated_at merged by a successful sync (the source's clock, not ours)."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT max(watermark) FROM {} WHERE status = 'succeeded' AND sync_id <> %s"
+        ).format(_table(schema)),
+        (other_than,),
+    ).fetchone()
+    return row[0] if row else None

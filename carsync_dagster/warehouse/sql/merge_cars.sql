@@ -1,5 +1,6 @@
 -- Merge cars_staging into cars in one statement. A row is written only when its data_hash
 -- changed or it comes back after being marked gone; unchanged listings are not touched at all.
+-- The same statement records the ids seen by this sync and the history of price and status.
 -- Returns (staged, inserted, updated).
 WITH incoming AS (
     -- Page drift can serve one listing twice; keep its newest version.
@@ -9,10 +10,30 @@ WITH incoming AS (
 ),
 changed AS (
     -- Filter before the upsert: ON CONFLICT would lock (and so dirty) even rows it skips.
-    SELECT i.*
+    SELECT
+        i.*,
+        c.id IS NULL AS is_new,
+        c.price AS old_price,
+        c.status AS old_status,
+        c.is_active AS was_active
     FROM incoming AS i
     LEFT JOIN cars AS c ON c.id = i.id
     WHERE c.id IS NULL OR c.data_hash IS DISTINCT FROM i.data_hash OR NOT c.is_active
+),
+seen AS (
+    INSERT INTO seen_ids (sync_id, id)
+    SELECT %(sync_id)s, id FROM incoming
+),
+history AS (
+    INSERT INTO car_changes (id, sync_id, field, old_value, new_value)
+    SELECT id, %(sync_id)s, 'price', old_price::text, price::text
+    FROM changed WHERE NOT is_new AND old_price IS DISTINCT FROM price
+    UNION ALL
+    SELECT id, %(sync_id)s, 'status', old_status, status
+    FROM changed WHERE NOT is_new AND old_status IS DISTINCT FROM status
+    UNION ALL
+    SELECT id, %(sync_id)s, 'is_active', 'false', 'true'
+    FROM changed WHERE NOT is_new AND NOT was_active
 ),
 merged AS (
     INSERT INTO cars AS c (
