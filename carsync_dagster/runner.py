@@ -257,8 +257,9 @@ def _summary(result: Any, seconds: float) -> dict[str, Any]:
         "fetched": total("records", pages) + total("fetched", recent),
         "inserted": total("inserted", cars, recent),
         "updated": total("updated", cars, recent),
-        "unchanged": total("unchanged", cars, recent),
-        "rejected": total("rejected", normalised, recent),
+        # A full sync's catch-up pass re-reads a margin of listings the pages already counted.
+        "unchanged": total("unchanged", cars) if cars else total("unchanged", recent),
+        "rejected": total("rejected", normalised) if cars else total("rejected", recent),
         "deactivated": total("deactivated", gone),
         "vanished_candidates": total("candidates", gone),
         "partitions": total("partitions_fetched", pages) + total("partitions_skipped", pages),

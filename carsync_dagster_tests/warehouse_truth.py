@@ -35,15 +35,19 @@ def rejected_rows(database_url: str, schema: str = "carsync") -> list[dict[str, 
         return cur.fetchall()
 
 
-def differences(truth: dict[str, Any], database_url: str, schema: str = "carsync") -> list[str]:
-    """Every way the warehouse differs from the truth (empty when exact)."""
+def differences(
+    truth: dict[str, Any], database_url: str, schema: str = "carsync", *, strict: bool = False
+) -> list[str]:
+    """Every way the warehouse differs from the truth (empty when exact). Listings deleted at
+    the source may still be active unless `strict`: a sync marks them gone by the next one."""
     problems: list[str] = []
     rows = cars_by_id(database_url, schema)
     expected = {car["id"]: car for car in truth["cars"]}
     active = {car_id for car_id, row in rows.items() if row["is_active"]}
     if missing := sorted(expected.keys() - rows.keys()):
         problems.append(f"{len(missing)} cars missing, e.g. {missing[:3]}")
-    if extra := sorted(active - expected.keys() - set(truth.get("deleted", []))):
+    allowed = set() if strict else set(truth.get("deleted", []))
+    if extra := sorted(active - expected.keys() - allowed):
         problems.append(f"{len(extra)} active cars not in the feed, e.g. {extra[:3]}")
     for car_id, car in expected.items():
         row = rows.get(car_id)
