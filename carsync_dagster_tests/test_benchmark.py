@@ -26,3 +26,6 @@ def test_benchmark_prints_figures(database_url: str, tmp_path: Path) -> None:
     assert figures["hostile_sync"]["inserted"] == figures["full_sync"]["inserted"]
     assert 0 < figures["server_limited"]["achieved_rps"] <= 40
     assert "hostile / clean full sync" in result.stdout
+    assert figures["unchanged_resync"]["cars_rows_written"] == 0
+    assert figures["incremental_1pct"]["updated"] == 30
+    assert figures["full_sync"]["reader_queries"] > 0
