@@ -21,7 +21,7 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def test_ui_serves_the_lineage_pages_normalised_cars(database_url: str, tmp_path: Path) -> None:
+def test_ui_serves_the_asset_lineage(database_url: str, tmp_path: Path) -> None:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CARSYNC_", "API_"))}
     env.update(
@@ -58,7 +58,13 @@ def test_ui_serves_the_lineage_pages_normalised_cars(database_url: str, tmp_path
             node["assetKey"]["path"][0]: [key["path"][0] for key in node["dependencyKeys"]]
             for node in nodes
         }
-        assert upstream == {"pages": [], "normalised": ["pages"], "cars": ["normalised"]}
+        assert upstream == {
+            "pages": [],
+            "normalised": ["pages"],
+            "cars": ["normalised"],
+            "recent_changes": ["cars"],
+            "vanished_listings": ["recent_changes"],
+        }
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
