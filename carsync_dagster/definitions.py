@@ -3,6 +3,12 @@
 from dagster import Definitions, EnvVar
 
 from carsync_dagster.orchestration.assets import cars, normalised, pages
+from carsync_dagster.orchestration.automation import (
+    discovery_sensor,
+    full_sync_schedule,
+    incremental_sync_schedule,
+    sync_failure_alert,
+)
 from carsync_dagster.orchestration.changes import recent_changes, vanished_listings
 from carsync_dagster.orchestration.jobs import full_sync_job, incremental_sync_job
 from carsync_dagster.orchestration.resources import ListingsApiResource, WarehouseResource
@@ -10,6 +16,8 @@ from carsync_dagster.orchestration.resources import ListingsApiResource, Warehou
 defs = Definitions(
     assets=[pages, normalised, cars, recent_changes, vanished_listings],
     jobs=[full_sync_job, incremental_sync_job],
+    schedules=[full_sync_schedule, incremental_sync_schedule],
+    sensors=[discovery_sensor, sync_failure_alert],
     resources={
         "api": ListingsApiResource(base_url=EnvVar("API_BASE_URL"), api_key=EnvVar("API_KEY")),
         "warehouse": WarehouseResource(database_url=EnvVar("DATABASE_URL")),

@@ -6,12 +6,10 @@ from dagster import AssetSelection, define_asset_job
 
 from carsync_dagster.orchestration.assets import cars, normalised, pages
 from carsync_dagster.orchestration.changes import recent_changes, vanished_listings
-from carsync_dagster.orchestration.partitions import page_ranges
 
 full_sync_job = define_asset_job(
     "full_sync",
     selection=AssetSelection.assets(pages, normalised, cars, recent_changes, vanished_listings),
-    partitions_def=page_ranges,
     description=(
         "Fetch, normalise and merge every page range in one run, catch up on changes made "
         "meanwhile, then confirm and mark the listings that left the feed."

@@ -1,0 +1,158 @@
+"""Sensors and schedules: keep the partitions matched to the feed, run syncs, raise alerts."""
+
+import asyncio
+import logging
+import os
+from datetime import datetime
+
+import httpx
+from dagster import (
+    AddDynamicPartitionsRequest,
+    DagsterInstance,
+    DagsterRunStatus,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    DeleteDynamicPartitionsRequest,
+    RunFailureSensorContext,
+    RunRequest,
+    RunsFilter,
+    ScheduleEvaluationContext,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    run_failure_sensor,
+    schedule,
+    sensor,
+)
+
+from carsync_dagster.orchestration.assets import SYNC_KIND_TAG
+from carsync_dagster.orchestration.jobs import full_sync_job, incremental_sync_job
+from carsync_dagster.orchestration.partitions import page_ranges, partition_keys
+from carsync_dagster.orchestration.resources import ListingsApiResource
+from carsync_dagster.settings import SettingsError, load_settings, redact
+
+logger = logging.getLogger("carsync.alerts")
+ALERT_WEBHOOK_ENV = "CARSYNC_ALERT_WEBHOOK"
+_ACTIVE = [DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+_SYNC_JOBS = [full_sync_job.name, incremental_sync_job.name]
+
+
+@sensor(
+    minimum_interval_seconds=60,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Keeps the page-range partitions matched to meta.last_page. It syncs nothing "
+    "itself: page ranges do not identify listings, so new ones arrive with the next sync.",
+)
+def discovery_sensor(
+    context: SensorEvaluationContext, api: ListingsApiResource
+) -> SensorResult | SkipReason:
+    settings = api.settings()
+    client = api.client()
+
+    async def last_page() -> int:
+        async with client:
+            return (await client.get_page(1, settings.page_size)).last_page
+
+    pages = asyncio.run(last_page())
+    wanted = partition_keys(pages, settings.pages_per_partition)
+    name = str(page_ranges.name)
+    existing = set(context.instance.get_dynamic_partitions(name))
+    added = [key for key in wanted if key not in existing]
+    removed = sorted(existing - set(wanted))
+    if not added and not removed:
+        return SkipReason(f"the feed still has {pages} pages in {len(wanted)} page ranges")
+    requests: list[AddDynamicPartitionsRequest | DeleteDynamicPartitionsRequest] = []
+    if added:
+        requests.append(page_ranges.build_add_request(added))
+    if removed:
+        requests.append(page_ranges.build_delete_request(removed))
+    context.log.info(f"{pages} pages: {len(added)} page ranges added, {len(removed)} removed")
+    return SensorResult(dynamic_partitions_requests=requests)
+
+
+def sync_in_progress(instance: DagsterInstance) -> bool:
+    runs = instance.get_run_records(RunsFilter(job_name=None, statuses=_ACTIVE), limit=20)
+    return any(record.dagster_run.job_name in _SYNC_JOBS for record in runs)
+
+
+@schedule(
+    cron_schedule="0 3 * * *",
+    job=full_sync_job,
+    default_status=DefaultScheduleStatus.STOPPED,
+    description="A full sync every night: one run over every page range.",
+)
+def full_sync_schedule(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
+    if sync_in_progress(context.instance):
+        return SkipReason("another sync is running; the next tick tries again")
+    keys = sorted(context.instance.get_dynamic_partitions(str(page_ranges.name)))
+    if not keys:
+        return SkipReason("no page ranges yet: the discovery sensor adds them")
+    return RunRequest(
+        run_key=_tick_key(context.scheduled_execution_time),
+        tags={
+            "dagster/asset_partition_range_start": keys[0],
+            "dagster/asset_partition_range_end": keys[-1],
+            SYNC_KIND_TAG: "full",
+        },
+    )
+
+
+@schedule(
+    cron_schedule="*/15 * * * *",
+    job=incremental_sync_job,
+    default_status=DefaultScheduleStatus.STOPPED,
+    description="An incremental sync every 15 minutes (updated_since the last watermark).",
+)
+def incremental_sync_schedule(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
+    if sync_in_progress(context.instance):
+        return SkipReason("another sync is running; the next tick tries again")
+    return RunRequest(
+        run_key=_tick_key(context.scheduled_execution_time),
+        tags={SYNC_KIND_TAG: "incremental"},
+    )
+
+
+def _tick_key(scheduled: datetime | None) -> str | None:
+    return scheduled.isoformat() if scheduled else None
+
+
+def alert_message(job: str, run_id: str, error: str) -> dict[str, str]:
+    return {
+        "text": f"carsync: {job} run {run_id} failed: {error}",
+        "job": job,
+        "run_id": run_id,
+        "error": error,
+        "where": f"Dagster UI → Runs → {run_id}; `carsync status` for the warehouse side",
+    }
+
+
+def send_alert(message: dict[str, str], webhook: str | None) -> None:
+    """Always log; POST the JSON too when a webhook is configured."""
+    logger.error(message["text"])
+    if webhook:
+        try:
+            httpx.post(webhook, json=message, timeout=10).raise_for_status()
+        except httpx.HTTPError as error:
+            logger.error("could not deliver the alert to CARSYNC_ALERT_WEBHOOK: %s", type(error))
+
+
+@run_failure_sensor(
+    monitored_jobs=[full_sync_job, incremental_sync_job],
+    default_status=DefaultSensorStatus.RUNNING,
+    description="A failed sync (a failed blocking check included) alerts CARSYNC_ALERT_WEBHOOK.",
+)
+def sync_failure_alert(context: RunFailureSensorContext) -> None:
+    error = context.failure_event.message or "failed"
+    for step in context.get_step_failure_events():
+        cause = step.step_failure_data.error
+        if cause is not None:
+            error = f"{step.step_key}: {(cause.cause or cause).message.strip().splitlines()[-1]}"
+            break
+    try:
+        secrets = load_settings(os.environ).secrets()
+    except SettingsError:
+        secrets = []
+    message = alert_message(
+        context.dagster_run.job_name, context.dagster_run.run_id, redact(error, secrets)
+    )
+    send_alert(message, os.environ.get(ALERT_WEBHOOK_ENV))

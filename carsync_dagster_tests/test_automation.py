@@ -1,0 +1,145 @@
+"""Sensors, schedules and alerts with Dagster's test contexts on a real Postgres-backed instance,
+against the simulator and a real local HTTP receiver."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dagster import (
+    DagsterInstance,
+    DagsterRunStatus,
+    RunRequest,
+    SensorResult,
+    SkipReason,
+    build_schedule_context,
+    build_sensor_context,
+)
+
+from carsync_dagster.definitions import defs
+from carsync_dagster.orchestration.automation import (
+    alert_message,
+    discovery_sensor,
+    full_sync_schedule,
+    incremental_sync_schedule,
+    send_alert,
+)
+from carsync_dagster.orchestration.partitions import page_ranges
+from carsync_dagster.orchestration.resources import ListingsApiResource
+from carsync_dagster.runner import dagster_postgres_url
+from carsync_dagster.simulator.process import RunningSimulator, start_simulator
+
+
+@pytest.fixture
+def instance(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A Dagster instance with Postgres storage, as `carsync` configures it."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS dagster")
+    home = tmp_path / "dagster"
+    home.mkdir()
+    template = Path(__file__).resolve().parents[1] / "carsync_dagster" / "dagster.yaml"
+    (home / "dagster.yaml").write_text(template.read_text())
+    monkeypatch.setenv("CARSYNC_DAGSTER_PG_URL", dagster_postgres_url(database_url))
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with DagsterInstance.get() as dagster_instance:
+        yield dagster_instance
+
+
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[RunningSimulator]:
+    with start_simulator(cars=2_000, seed=4) as running:
+        yield running
+
+
+TICK = datetime(2026, 11, 24, 3, 0, tzinfo=UTC)
+
+
+def _keys(instance: Any) -> list[str]:
+    return sorted(instance.get_dynamic_partitions(str(page_ranges.name)))
+
+
+def test_discovery_sensor_matches_partitions_to_the_feed(
+    instance: Any, simulator: RunningSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CARSYNC_PAGES_PER_PARTITION", "5")
+    api = ListingsApiResource(base_url=simulator.base_url, api_key=simulator.api_key)
+    context = build_sensor_context(instance=instance, resources={"api": api})
+    result = discovery_sensor(context)
+    assert isinstance(result, SensorResult) and result.run_requests in (None, [])
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(str(page_ranges.name), list(request.partition_keys))
+    assert _keys(instance) == ["p00001-00005", "p00006-00010", "p00011-00015", "p00016-00020"]
+    assert isinstance(discovery_sensor(context), SkipReason)
+
+    simulator.control.mutate(insert=600)  # 26 pages now
+    grown = discovery_sensor(context)
+    assert isinstance(grown, SensorResult)
+    added = [key for r in grown.dynamic_partitions_requests or [] for key in r.partition_keys]
+    assert added == ["p00021-00025", "p00026-00030"]
+
+
+def test_full_sync_schedule_requests_one_run_over_every_range(instance: Any) -> None:
+    instance.add_dynamic_partitions(str(page_ranges.name), ["p00001-00050", "p00051-00100"])
+    context = build_schedule_context(instance=instance, scheduled_execution_time=TICK)
+    request = full_sync_schedule(context)
+    assert isinstance(request, RunRequest)
+    assert request.tags["dagster/asset_partition_range_start"] == "p00001-00050"
+    assert request.tags["dagster/asset_partition_range_end"] == "p00051-00100"
+    assert request.tags["carsync/kind"] == "full"
+    assert request.run_key == TICK.isoformat(), (
+        "one run per tick, whatever retries the daemon makes"
+    )
+    incremental = incremental_sync_schedule(context)
+    assert isinstance(incremental, RunRequest)
+
+
+def test_schedules_skip_while_a_sync_runs(
+    instance: Any, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in (("API_BASE_URL", "http://127.0.0.1:9"), ("API_KEY", "k")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    instance.add_dynamic_partitions(str(page_ranges.name), ["p00001-00050"])
+    instance.create_run_for_job(
+        job_def=defs.resolve_job_def("incremental_sync"), status=DagsterRunStatus.STARTED
+    )
+    context = build_schedule_context(instance=instance, scheduled_execution_time=TICK)
+    skipped = full_sync_schedule(context)
+    assert isinstance(skipped, SkipReason) and "another sync is running" in str(
+        skipped.skip_message
+    )
+    assert isinstance(incremental_sync_schedule(context), SkipReason)
+
+
+def test_alerts_post_json_to_the_webhook_and_hold_no_secret() -> None:
+    received: list[dict[str, Any]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            received.append(json.loads(self.rfile.read(length)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        message = alert_message("full_sync", "run-1", "vanished_listings: check failed")
+        send_alert(message, f"http://127.0.0.1:{server.server_address[1]}/hook")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert received == [message]
+    assert "run-1" in received[0]["text"] and "Dagster UI" in received[0]["where"]
