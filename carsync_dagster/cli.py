@@ -85,6 +85,8 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     for key, value in summary.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in sorted(value.items())) or "none"
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value)) or "none"
         table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     return table
 

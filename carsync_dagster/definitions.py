@@ -9,12 +9,20 @@ from carsync_dagster.orchestration.automation import (
     incremental_sync_schedule,
     sync_failure_alert,
 )
-from carsync_dagster.orchestration.changes import recent_changes, vanished_listings
+from carsync_dagster.orchestration.changes import (
+    active_rows_match_feed,
+    cars_ids_unique,
+    recent_changes,
+    rejected_fraction,
+    sync_freshness,
+    vanished_listings,
+)
 from carsync_dagster.orchestration.jobs import full_sync_job, incremental_sync_job
 from carsync_dagster.orchestration.resources import ListingsApiResource, WarehouseResource
 
 defs = Definitions(
     assets=[pages, normalised, cars, recent_changes, vanished_listings],
+    asset_checks=[cars_ids_unique, active_rows_match_feed, rejected_fraction, sync_freshness],
     jobs=[full_sync_job, incremental_sync_job],
     schedules=[full_sync_schedule, incremental_sync_schedule],
     sensors=[discovery_sensor, sync_failure_alert],

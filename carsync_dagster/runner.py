@@ -269,6 +269,11 @@ def _summary(result: Any, seconds: float) -> dict[str, Any]:
         "hedged": total("hedged_requests", pages),
         "errors": dict(pages.get("errors_by_class", {})),
         "p95_latency_ms": float(pages.get("p95_latency_ms", recent.get("p95_latency_ms", 0.0))),
+        "checks_failed": sorted(
+            evaluation.check_name
+            for evaluation in result.get_asset_check_evaluations()
+            if not evaluation.passed
+        ),
         "seconds": round(seconds, 2),
     }
 

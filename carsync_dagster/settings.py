@@ -50,6 +50,10 @@ class Settings(BaseModel):
     breaker_cooldown: float = Field(default=60.0, validation_alias="CARSYNC_BREAKER_COOLDOWN")
     max_deactivation: float = Field(default=0.05, validation_alias="CARSYNC_MAX_DEACTIVATION")
     watermark_margin: float = Field(default=300.0, validation_alias="CARSYNC_WATERMARK_MARGIN")
+    total_tolerance: float = Field(default=0.02, validation_alias="CARSYNC_TOTAL_TOLERANCE")
+    max_rejected: float = Field(default=0.05, validation_alias="CARSYNC_MAX_REJECTED")
+    full_sync_max_age: float = Field(default=26 * 3600, validation_alias="CARSYNC_FULL_MAX_AGE")
+    any_sync_max_age: float = Field(default=1800, validation_alias="CARSYNC_SYNC_MAX_AGE")
     data_dir: str = Field(default=".carsync", validation_alias="CARSYNC_DATA_DIR")
 
     @field_validator("api_base_url")
@@ -93,14 +97,14 @@ class Settings(BaseModel):
             raise ValueError("must be at least 1")
         return value
 
-    @field_validator("max_deactivation")
+    @field_validator("max_deactivation", "total_tolerance", "max_rejected")
     @classmethod
     def _fraction(cls, value: float) -> float:
         if not 0 <= value <= 1:
             raise ValueError("must be a fraction between 0 and 1")
         return value
 
-    @field_validator("rps", "watermark_margin")
+    @field_validator("rps", "watermark_margin", "full_sync_max_age", "any_sync_max_age")
     @classmethod
     def _not_negative(cls, value: float) -> float:
         if value < 0:

@@ -143,3 +143,11 @@ def test_alerts_post_json_to_the_webhook_and_hold_no_secret() -> None:
         server.server_close()
     assert received == [message]
     assert "run-1" in received[0]["text"] and "Dagster UI" in received[0]["where"]
+
+
+def test_the_instance_config_loads_with_postgres_storage_and_monitoring(instance: Any) -> None:
+    assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+    assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+    assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+    assert instance.run_monitoring_enabled
+    assert not instance.run_retries_enabled

@@ -57,9 +57,12 @@ def test_sync_is_exact_then_writes_nothing_then_counts_changes(
     assert first["rejected"] == len(truth["rejected"])
     assert first["fetched"] == len(truth["cars"]) + len(truth["rejected"])
     assert first["pages"] == 200
+    # The first sync has no earlier one to be fresh against: only that warning-level check.
+    assert first["checks_failed"] == ["sync_freshness"]
 
     before = _xmins(database_url)
     second = _summary(run_carsync(["sync", "--json"], env, tmp_path))
+    assert second["checks_failed"] == []
     assert (second["inserted"], second["updated"]) == (0, 0)
     assert second["unchanged"] == len(truth["cars"])
     assert _xmins(database_url) == before, "an unchanged feed must not rewrite any row of cars"

@@ -10,12 +10,15 @@ from typing import Any
 import psycopg
 from dagster import (
     AssetCheckResult,
+    AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
     Failure,
     MaterializeResult,
     asset,
+    asset_check,
 )
+from psycopg import sql
 
 from carsync_dagster.orchestration.assets import (
     GROUP,
@@ -199,4 +202,97 @@ def vanished_listings(
         check_name=GUARD,
         passed=True,
         description=f"{len(missing)} candidates of {active} active listings",
+    )
+
+
+# Checks of the warehouse as a sync leaves it: they run after the vanished-listings step.
+
+
+def _scalar(conn: psycopg.Connection, schema: str, query: str, *params: object) -> int:
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
+        row = conn.execute(query.encode(), params).fetchone()
+    return int(row[0] or 0) if row else 0
+
+
+@asset_check(asset=cars, additional_deps=[vanished_listings], description="Every id once.")
+def cars_ids_unique(warehouse: WarehouseResource) -> AssetCheckResult:
+    with warehouse.connect(autocommit=True) as conn:
+        duplicates = _scalar(
+            conn, warehouse.schema_name, "SELECT count(*) - count(DISTINCT id) FROM cars"
+        )
+    return AssetCheckResult(passed=duplicates == 0, metadata={"duplicate_ids": duplicates})
+
+
+@asset_check(
+    asset=cars,
+    additional_deps=[vanished_listings],
+    description="Active listings within CARSYNC_TOTAL_TOLERANCE of the feed's meta.total.",
+)
+def active_rows_match_feed(
+    api: ListingsApiResource, warehouse: WarehouseResource
+) -> AssetCheckResult:
+    settings, client = api.settings(), api.client()
+
+    async def feed_total() -> int:
+        async with client:
+            return (await client.get_page(1, 1)).total
+
+    total = asyncio.run(feed_total())
+    with warehouse.connect(autocommit=True) as conn:
+        active = _scalar(conn, warehouse.schema_name, "SELECT count(*) FROM cars WHERE is_active")
+    off = abs(active - total) / max(total, 1)
+    return AssetCheckResult(
+        passed=off <= settings.total_tolerance,
+        metadata={"active": active, "feed_total": total, "difference": round(off, 4)},
+        description=f"{active} active listings, the feed says {total} ({off:.2%} apart)",
+    )
+
+
+@asset_check(
+    asset=cars,
+    additional_deps=[vanished_listings],
+    description="Unresolved rejected records under CARSYNC_MAX_REJECTED of what the feed serves.",
+)
+def rejected_fraction(api: ListingsApiResource, warehouse: WarehouseResource) -> AssetCheckResult:
+    limit = api.settings().max_rejected
+    with warehouse.connect(autocommit=True) as conn:
+        schema = warehouse.schema_name
+        rejected = _scalar(
+            conn, schema, "SELECT count(*) FROM cars_rejected WHERE resolved_at IS NULL"
+        )
+        active = _scalar(conn, schema, "SELECT count(*) FROM cars WHERE is_active")
+    fraction = rejected / max(1, rejected + active)
+    return AssetCheckResult(
+        passed=fraction <= limit,
+        metadata={"rejected": rejected, "fraction": round(fraction, 4)},
+        description=f"{rejected} unresolved rejected records ({fraction:.2%}, limit {limit:.0%})",
+    )
+
+
+@asset_check(
+    asset=cars,
+    description="The last successful full sync is under a day old, and some sync is recent.",
+)
+def sync_freshness(api: ListingsApiResource, warehouse: WarehouseResource) -> AssetCheckResult:
+    settings = api.settings()
+    with warehouse.connect(autocommit=True) as conn:
+        ages = {
+            kind: syncs.seconds_since_success(conn, warehouse.schema_name, kind)
+            for kind in ("full", None)
+        }
+    full_age, any_age = ages["full"], ages[None]
+    fresh = (
+        full_age is not None
+        and full_age <= settings.full_sync_max_age
+        and any_age is not None
+        and any_age <= settings.any_sync_max_age
+    )
+    return AssetCheckResult(
+        passed=fresh,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "full_sync_age_s": round(full_age or -1.0, 1),
+            "any_sync_age_s": round(any_age or -1.0, 1),
+        },
     )

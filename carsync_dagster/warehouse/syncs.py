@@ -137,3 +137,15 @@ def last_watermark(conn: psycopg.Connection, schema: str, other_than: str) -> da
         (other_than,),
     ).fetchone()
     return row[0] if row else None
+
+
+def seconds_since_success(conn: psycopg.Connection, schema: str, kind: str | None) -> float | None:
+    """Age of the last successful sync (of `kind`, or of any kind)."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT extract(epoch FROM now() - max(finished_at)) FROM {}"
+            " WHERE status = 'succeeded' AND (%s::text IS NULL OR kind = %s)"
+        ).format(_table(schema)),
+        (kind, kind),
+    ).fetchone()
+    return float(row[0]) if row and row[0] is not None else None
