@@ -18,6 +18,7 @@ from carsync_dagster.orchestration.changes import (
     vanished_listings,
 )
 from carsync_dagster.orchestration.jobs import full_sync_job, incremental_sync_job
+from carsync_dagster.orchestration.recovery import stale_run_sensor
 from carsync_dagster.orchestration.resources import ListingsApiResource, WarehouseResource
 
 defs = Definitions(
@@ -25,7 +26,7 @@ defs = Definitions(
     asset_checks=[cars_ids_unique, active_rows_match_feed, rejected_fraction, sync_freshness],
     jobs=[full_sync_job, incremental_sync_job],
     schedules=[full_sync_schedule, incremental_sync_schedule],
-    sensors=[discovery_sensor, sync_failure_alert],
+    sensors=[discovery_sensor, stale_run_sensor, sync_failure_alert],
     resources={
         "api": ListingsApiResource(base_url=EnvVar("API_BASE_URL"), api_key=EnvVar("API_KEY")),
         "warehouse": WarehouseResource(database_url=EnvVar("DATABASE_URL")),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 import time
 import uuid
@@ -198,7 +199,7 @@ def run_sync(
     from dagster import DagsterInstance
 
     from carsync_dagster.definitions import defs
-    from carsync_dagster.orchestration.assets import SYNC_ID_TAG, SYNC_KIND_TAG
+    from carsync_dagster.orchestration.assets import HOST_TAG, PID_TAG, SYNC_ID_TAG, SYNC_KIND_TAG
     from carsync_dagster.orchestration.changes import ALLOW_MASS_DEACTIVATION_TAG
     from carsync_dagster.orchestration.partitions import partition_keys
 
@@ -212,7 +213,12 @@ def run_sync(
             )
         resumed = None if incremental else syncs.resumable_sync(lock_conn, schema)
         sync_id = resumed or uuid.uuid4().hex
-        tags = {SYNC_ID_TAG: sync_id, SYNC_KIND_TAG: kind}
+        tags = {
+            SYNC_ID_TAG: sync_id,
+            SYNC_KIND_TAG: kind,
+            PID_TAG: str(os.getpid()),
+            HOST_TAG: socket.gethostname(),
+        }
         if allow_mass_deactivation:
             tags[ALLOW_MASS_DEACTIVATION_TAG] = "true"
         instance = DagsterInstance.get()

@@ -42,6 +42,9 @@ from carsync_dagster.warehouse.normalised_store import NormalisedStore
 
 SYNC_ID_TAG = "carsync/sync_id"
 SYNC_KIND_TAG = "carsync/kind"
+# Set by `carsync sync` on the run it executes in process: it closes the sync itself.
+HOST_TAG = "carsync/host"
+PID_TAG = "carsync/pid"
 GROUP = "carsync"
 # Every asset of the sync has page-range partitions, and a backfill of a range is one run.
 _SINGLE_RUN = BackfillPolicy.single_run()
@@ -111,7 +114,13 @@ def fetch_pages(
                 total_pages = sum(max(0, p.last_page - p.first_page + 1) for p in todo)
                 syncs.set_pages_total(conn, warehouse.schema_name, sync_id, total_pages)
                 progress = Progress(
-                    conn, warehouse.schema_name, sync_id, "fetch", total_pages, client.stats
+                    conn,
+                    warehouse.schema_name,
+                    sync_id,
+                    "fetch",
+                    total_pages,
+                    client.stats,
+                    context.log.info,
                 )
                 rows: list[dict[str, Any]] = []
 
@@ -192,7 +201,12 @@ def normalised(
     started = time.perf_counter()
     with warehouse.connect(autocommit=True) as conn:
         progress = Progress(
-            conn, warehouse.schema_name, sync_id, "normalise", len(context.partition_keys)
+            conn,
+            warehouse.schema_name,
+            sync_id,
+            "normalise",
+            len(context.partition_keys),
+            heartbeat=context.log.info,
         )
         for key in context.partition_keys:
             began = time.perf_counter()
@@ -235,7 +249,12 @@ def cars(
     started = time.perf_counter()
     with warehouse.connect() as conn, warehouse.connect(autocommit=True) as status_conn:
         progress = Progress(
-            status_conn, warehouse.schema_name, sync_id, "merge", len(context.partition_keys)
+            status_conn,
+            warehouse.schema_name,
+            sync_id,
+            "merge",
+            len(context.partition_keys),
+            heartbeat=context.log.info,
         )
         for key in context.partition_keys:
             began = time.perf_counter()

@@ -22,7 +22,7 @@ from psycopg import sql
 
 from carsync_dagster.orchestration.assets import (
     GROUP,
-    SYNC_ID_TAG,
+    PID_TAG,
     SYNC_KIND_TAG,
     cars,
     sync_id_of,
@@ -113,8 +113,8 @@ def recent_changes(
 
         pages = asyncio.run(fetch())
         selection = context.run.asset_selection or set()
-        if SYNC_ID_TAG not in context.run.tags and vanished_listings.key not in selection:
-            # An incremental run launched from the UI ends here; nothing else closes it.
+        if PID_TAG not in context.run.tags and vanished_listings.key not in selection:
+            # An incremental run without `carsync sync` around it ends here; close it.
             syncs.finish_sync(conn, schema, sync_id, status="succeeded", summary=totals.values)
     seconds = time.perf_counter() - started
     return MaterializeResult(
@@ -186,8 +186,8 @@ def vanished_listings(
         refreshed = _merge_records(conn, schema, sync_id, present, sync_year(warehouse, sync_id))
         deactivated = vanished.deactivate(conn, schema, gone, sync_id)
         vanished.forget_other_syncs(conn, schema, sync_id)
-        if SYNC_ID_TAG not in context.run.tags:
-            # A complete run launched from the UI has no `carsync sync` around it to close it.
+        if PID_TAG not in context.run.tags:
+            # No `carsync sync` process around this run (UI, schedule, recovery): close it here.
             syncs.finish_sync(conn, schema, sync_id, status="succeeded")
     yield MaterializeResult(
         metadata={

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import psycopg
 
@@ -10,6 +11,8 @@ from carsync_dagster.source.client import Page, RequestStats
 from carsync_dagster.warehouse import syncs
 
 _EVERY_SECONDS = 1.0
+# A line in the run's event log this often, so a long but healthy step never looks stale.
+_HEARTBEAT_SECONDS = 30.0
 
 
 class Progress:
@@ -21,9 +24,12 @@ class Progress:
         stage: str,
         total: int,
         stats: RequestStats | None = None,
+        heartbeat: Callable[[str], None] | None = None,
     ) -> None:
         self._conn, self._schema, self._sync_id = conn, schema, sync_id
         self._stats = stats
+        self._heartbeat = heartbeat
+        self._heartbeat_at = time.monotonic()
         self.stage, self.total = stage, total
         self.done = self.pages = self.records = 0
         self._written_at = 0.0
@@ -45,6 +51,9 @@ class Progress:
 
     def flush(self) -> None:
         self._written_at = time.monotonic()
+        if self._heartbeat and self._written_at - self._heartbeat_at >= _HEARTBEAT_SECONDS:
+            self._heartbeat_at = self._written_at
+            self._heartbeat(f"{self.stage}: {self.done}/{self.total} done")
         counts = {"pages": self.pages, "records": self.records} if self.stage == "fetch" else {}
         requests = {}
         if self._stats is not None:

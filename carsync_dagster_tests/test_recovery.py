@@ -1,0 +1,96 @@
+"""The stale-run sensor on a real Postgres-backed instance: a `carsync sync` killed with kill -9,
+and one paused with SIGSTOP (alive but silent), are failed and requested again; the re-run
+resumes from the landed partitions and leaves the warehouse exact."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dagster import (
+    DagsterInstance,
+    DagsterRunStatus,
+    RunRequest,
+    SensorResult,
+    build_sensor_context,
+)
+
+from carsync_dagster.definitions import defs
+from carsync_dagster.orchestration.recovery import stale_run_sensor
+from carsync_dagster.runner import dagster_postgres_url
+from carsync_dagster.simulator.process import start_simulator
+from carsync_dagster_tests.conftest import carsync_env
+from carsync_dagster_tests.warehouse_truth import differences
+
+
+def _start_sync_and_wait_for_landing(env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "carsync_dagster", "sync", "--json"],
+        env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(list((cwd / "data" / "landing").glob("*.json"))) < 2:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    return process
+
+
+def _recover(
+    instance: Any, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], database_url: str
+) -> RunRequest:
+    result = stale_run_sensor(build_sensor_context(instance=instance))
+    assert isinstance(result, SensorResult) and len(result.run_requests or []) == 1
+    request = (result.run_requests or [])[0]
+    failed = instance.get_run_records()
+    assert failed[0].dagster_run.status == DagsterRunStatus.FAILURE
+    # What the daemon would launch: the same sync, from its landed partitions.
+    for name in ("API_BASE_URL", "API_KEY", "CARSYNC_DATA_DIR", "CARSYNC_PAGES_PER_PARTITION"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    rerun = defs.resolve_job_def(str(request.job_name)).execute_in_process(
+        instance=instance, tags=request.tags
+    )
+    assert rerun.success
+    return request
+
+
+@pytest.fixture
+def instance_env(monkeypatch: pytest.MonkeyPatch, database_url: str, tmp_path: Path) -> None:
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    monkeypatch.setenv("CARSYNC_DAGSTER_PG_URL", dagster_postgres_url(database_url))
+
+
+@pytest.mark.usefixtures("instance_env")
+@pytest.mark.parametrize("how", ["kill -9", "SIGSTOP"])
+def test_an_interrupted_sync_is_failed_and_rerun_to_an_exact_warehouse(
+    how: str, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with start_simulator(cars=6_000, seed=31, args=["--latency-ms", "30"]) as sim:
+        env = carsync_env(
+            tmp_path, database_url, sim, CARSYNC_PAGES_PER_PARTITION="5", CARSYNC_CONCURRENCY="2"
+        )
+        process = _start_sync_and_wait_for_landing(env, tmp_path)
+        if how == "kill -9":
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+        else:
+            os.kill(process.pid, signal.SIGSTOP)
+            monkeypatch.setenv("CARSYNC_STALE_AFTER", "2")
+            time.sleep(3)
+        with DagsterInstance.get() as instance:
+            before = instance.get_run_records()[0].dagster_run
+            assert before.status == DagsterRunStatus.STARTED
+            request = _recover(instance, monkeypatch, env, database_url)
+            reason = instance.get_run_records(limit=2)[1]  # the failed run, older than the re-run
+        if how == "SIGSTOP":
+            assert process.wait(timeout=10) == -signal.SIGKILL, "a silent worker is ended"
+        assert request.tags["carsync/sync_id"] == before.tags["carsync/sync_id"]
+        assert request.run_key == f"stale:{before.run_id}"
+        assert reason.dagster_run.status == DagsterRunStatus.FAILURE
+        assert differences(sim.control.truth(), database_url) == []
