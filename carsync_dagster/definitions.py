@@ -17,16 +17,26 @@ from carsync_dagster.orchestration.changes import (
     sync_freshness,
     vanished_listings,
 )
-from carsync_dagster.orchestration.jobs import full_sync_job, incremental_sync_job
-from carsync_dagster.orchestration.recovery import stale_run_sensor
+from carsync_dagster.orchestration.jobs import full_sync_job, incremental_sync_job, page_ranges_job
+from carsync_dagster.orchestration.recovery import (
+    failed_partition_sensor,
+    partitions_healthy,
+    stale_run_sensor,
+)
 from carsync_dagster.orchestration.resources import ListingsApiResource, WarehouseResource
 
 defs = Definitions(
     assets=[pages, normalised, cars, recent_changes, vanished_listings],
-    asset_checks=[cars_ids_unique, active_rows_match_feed, rejected_fraction, sync_freshness],
-    jobs=[full_sync_job, incremental_sync_job],
+    asset_checks=[
+        cars_ids_unique,
+        active_rows_match_feed,
+        rejected_fraction,
+        sync_freshness,
+        partitions_healthy,
+    ],
+    jobs=[full_sync_job, incremental_sync_job, page_ranges_job],
     schedules=[full_sync_schedule, incremental_sync_schedule],
-    sensors=[discovery_sensor, stale_run_sensor, sync_failure_alert],
+    sensors=[discovery_sensor, stale_run_sensor, failed_partition_sensor, sync_failure_alert],
     resources={
         "api": ListingsApiResource(base_url=EnvVar("API_BASE_URL"), api_key=EnvVar("API_KEY")),
         "warehouse": WarehouseResource(database_url=EnvVar("DATABASE_URL")),

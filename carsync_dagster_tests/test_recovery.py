@@ -12,19 +12,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from dagster import (
     DagsterInstance,
     DagsterRunStatus,
     RunRequest,
     SensorResult,
+    SkipReason,
     build_sensor_context,
 )
 
 from carsync_dagster.definitions import defs
-from carsync_dagster.orchestration.recovery import stale_run_sensor
+from carsync_dagster.orchestration.partitions import page_ranges
+from carsync_dagster.orchestration.recovery import (
+    failed_partition_sensor,
+    failed_partitions,
+    stale_run_sensor,
+)
 from carsync_dagster.runner import dagster_postgres_url
 from carsync_dagster.simulator.process import start_simulator
+from carsync_dagster.warehouse.schema import migrate
 from carsync_dagster_tests.conftest import carsync_env
 from carsync_dagster_tests.warehouse_truth import differences
 
@@ -94,3 +102,45 @@ def test_an_interrupted_sync_is_failed_and_rerun_to_an_exact_warehouse(
         assert request.run_key == f"stale:{before.run_id}"
         assert reason.dagster_run.status == DagsterRunStatus.FAILURE
         assert differences(sim.control.truth(), database_url) == []
+
+
+@pytest.mark.usefixtures("instance_env")
+def test_failed_partitions_are_retried_at_most_three_times(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name, value in {
+        "API_BASE_URL": "http://127.0.0.1:9",  # nothing listens: every request fails at once
+        "API_KEY": "retry-test-key",
+        "DATABASE_URL": database_url,
+        "CARSYNC_DATA_DIR": str(tmp_path / "data"),
+        "CARSYNC_MAX_ATTEMPTS": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    migrate(database_url, "carsync")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS dagster")
+    (tmp_path / "dagster").mkdir()
+    template = Path(__file__).resolve().parents[1] / "carsync_dagster" / "dagster.yaml"
+    (tmp_path / "dagster" / "dagster.yaml").write_text(template.read_text())
+    with DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions(str(page_ranges.name), ["p00001-00005", "p00006-00010"])
+        failed = defs.resolve_job_def("page_ranges_sync").execute_in_process(
+            instance=instance, partition_key="p00006-00010", raise_on_error=False
+        )
+        assert not failed.success
+        assert failed_partitions(instance) == ["p00006-00010"]
+
+        cursor, keys = None, []
+        for _ in range(4):
+            context = build_sensor_context(instance=instance, cursor=cursor)
+            result = failed_partition_sensor(context)
+            assert isinstance(result, SensorResult)
+            keys += [request.run_key for request in result.run_requests or []]
+            cursor = result.cursor
+        assert keys == [f"retry:p00006-00010:{n}" for n in (1, 2, 3)], "3 retries, then no more"
+
+        instance.create_run_for_job(
+            job_def=defs.resolve_job_def("full_sync"), status=DagsterRunStatus.STARTED
+        )
+        busy = failed_partition_sensor(build_sensor_context(instance=instance))
+        assert isinstance(busy, SkipReason), "never while a sync that may redo them runs"

@@ -26,7 +26,7 @@ from dagster import (
 )
 
 from carsync_dagster.orchestration.assets import SYNC_KIND_TAG
-from carsync_dagster.orchestration.jobs import full_sync_job, incremental_sync_job
+from carsync_dagster.orchestration.jobs import full_sync_job, incremental_sync_job, page_ranges_job
 from carsync_dagster.orchestration.partitions import page_ranges, partition_keys
 from carsync_dagster.orchestration.resources import ListingsApiResource
 from carsync_dagster.settings import SettingsError, load_settings, redact
@@ -34,7 +34,7 @@ from carsync_dagster.settings import SettingsError, load_settings, redact
 logger = logging.getLogger("carsync.alerts")
 ALERT_WEBHOOK_ENV = "CARSYNC_ALERT_WEBHOOK"
 _ACTIVE = [DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
-_SYNC_JOBS = [full_sync_job.name, incremental_sync_job.name]
+_SYNC_JOBS = [full_sync_job.name, incremental_sync_job.name, page_ranges_job.name]
 
 
 @sensor(
@@ -137,7 +137,7 @@ def send_alert(message: dict[str, str], webhook: str | None) -> None:
 
 
 @run_failure_sensor(
-    monitored_jobs=[full_sync_job, incremental_sync_job],
+    monitored_jobs=[full_sync_job, incremental_sync_job, page_ranges_job],
     default_status=DefaultSensorStatus.RUNNING,
     description="A failed sync (a failed blocking check included) alerts CARSYNC_ALERT_WEBHOOK.",
 )

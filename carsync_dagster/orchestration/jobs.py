@@ -21,3 +21,10 @@ incremental_sync_job = define_asset_job(
     selection=AssetSelection.assets(recent_changes),
     description="Merge the listings created or updated since the last successful sync.",
 )
+
+page_ranges_job = define_asset_job(
+    "page_ranges_sync",
+    selection=AssetSelection.assets(pages, normalised, cars),
+    description="Some page ranges only, without the closing steps: what failed-partition "
+    "retries run.",
+)

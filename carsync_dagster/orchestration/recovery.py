@@ -1,13 +1,22 @@
-"""The stale-run sensor: a sync run that is STARTED but silent, or whose worker is gone, is marked
-failed and requested again. It is the one mechanism that re-runs interrupted work: Dagster's run
-retries are off (dagster.yaml), and a re-run of the same sync skips the partitions it landed."""
+"""Self-healing. Two sensors, each the only owner of one kind of re-run (Dagster's own run
+retries are off in dagster.yaml):
+- the stale-run sensor fails a sync run that is STARTED but silent, or whose worker is gone, and
+  requests that same sync again (run key `stale:<run>`), which skips the partitions it landed;
+- the failed-partition sensor re-runs page ranges whose last materialization failed (run key
+  `retry:<partition>:<attempt>`, at most CARSYNC_PARTITION_RETRIES times), and never while any
+  sync runs, so it cannot race a recovery that is already redoing those partitions.
+Sensor run keys are never reused, so neither can request the same re-run twice."""
 
+import json
 import os
 import signal
 import socket
 import time
 
 from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetPartitionStatus,
     DagsterEventType,
     DagsterInstance,
     DagsterRun,
@@ -18,11 +27,21 @@ from dagster import (
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
+    asset_check,
     sensor,
 )
 
-from carsync_dagster.orchestration.assets import HOST_TAG, PID_TAG
-from carsync_dagster.orchestration.jobs import full_sync_job, incremental_sync_job
+from carsync_dagster.orchestration.assets import (
+    HOST_TAG,
+    PID_TAG,
+    SYNC_KIND_TAG,
+    cars,
+    normalised,
+    pages,
+)
+from carsync_dagster.orchestration.automation import sync_in_progress
+from carsync_dagster.orchestration.jobs import full_sync_job, incremental_sync_job, page_ranges_job
+from carsync_dagster.orchestration.partitions import page_ranges
 
 STALE_AFTER_ENV = "CARSYNC_STALE_AFTER"
 _KEEP_TAGS = (
@@ -88,7 +107,7 @@ def _stop_worker(run: DagsterRun, pid: int | None) -> None:
 
 
 @sensor(
-    jobs=[full_sync_job, incremental_sync_job],
+    jobs=[full_sync_job, incremental_sync_job, page_ranges_job],
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
     description="Fails sync runs that are silent for CARSYNC_STALE_AFTER (default 300 s) or whose "
@@ -106,7 +125,11 @@ def stale_run_sensor(context: SensorEvaluationContext) -> SensorResult | SkipRea
     requests = []
     for record in records:
         run = record.dagster_run
-        if run.job_name not in (full_sync_job.name, incremental_sync_job.name):
+        if run.job_name not in (
+            full_sync_job.name,
+            incremental_sync_job.name,
+            page_ranges_job.name,
+        ):
             continue
         reason = why_stale(context.instance, run, stale_after)
         if reason is None:
@@ -125,3 +148,59 @@ def stale_run_sensor(context: SensorEvaluationContext) -> SensorResult | SkipRea
     if not requests:
         return SkipReason("no stale sync runs")
     return SensorResult(run_requests=requests)
+
+
+RETRIES_ENV = "CARSYNC_PARTITION_RETRIES"
+
+
+def failed_partitions(instance: DagsterInstance) -> list[str]:
+    """Page ranges whose latest attempt at any asset of the chain failed."""
+    keys = sorted(instance.get_dynamic_partitions(str(page_ranges.name)))
+    failed: set[str] = set()
+    for asset in (pages, normalised, cars):
+        statuses = instance.get_status_by_partition(asset.key, keys, page_ranges) or {}
+        failed |= {key for key, status in statuses.items() if status == AssetPartitionStatus.FAILED}
+    return sorted(failed)
+
+
+@sensor(
+    job=page_ranges_job,
+    minimum_interval_seconds=60,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Re-runs failed page ranges, at most CARSYNC_PARTITION_RETRIES (default 3) times "
+    "each; after that they stay failed and the `partitions_healthy` check says so.",
+)
+def failed_partition_sensor(context: SensorEvaluationContext) -> SensorResult | SkipReason:
+    if sync_in_progress(context.instance):
+        return SkipReason("a sync is running: it may redo these partitions itself")
+    limit = int(os.environ.get(RETRIES_ENV, "3"))
+    attempts: dict[str, int] = json.loads(context.cursor or "{}")
+    failed = failed_partitions(context.instance)
+    attempts = {key: count for key, count in attempts.items() if key in failed}
+    due = [key for key in failed if attempts.get(key, 0) < limit]
+    requests = []
+    for key in due:
+        attempts[key] = attempts.get(key, 0) + 1
+        requests.append(
+            RunRequest(
+                run_key=f"retry:{key}:{attempts[key]}",
+                partition_key=key,
+                tags={SYNC_KIND_TAG: "retry"},
+            )
+        )
+    cursor = json.dumps(attempts, sort_keys=True)
+    if not requests:
+        return SensorResult(
+            skip_reason=f"{len(failed)} failed page ranges, none due", cursor=cursor
+        )
+    return SensorResult(run_requests=requests, cursor=cursor)
+
+
+@asset_check(asset=cars, description="No page range is left failed.")
+def partitions_healthy(context: AssetCheckExecutionContext) -> AssetCheckResult:
+    failed = failed_partitions(context.instance)
+    return AssetCheckResult(
+        passed=not failed,
+        metadata={"failed_page_ranges": len(failed)},
+        description=f"failed page ranges: {', '.join(failed)}" if failed else "all page ranges ok",
+    )
