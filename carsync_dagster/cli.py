@@ -194,18 +194,39 @@ def status(
     schema: Schema = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """What the last syncs did, read from the warehouse."""
+    """The last syncs, page-range health and the next scheduled syncs."""
     settings = _settings(database_url=database_url, schema=schema)
     import psycopg
 
-    from carsync_dagster.runner import open_database
+    from carsync_dagster.runner import open_database, open_instance, quiet_chosen_dagster_warnings
     from carsync_dagster.warehouse import syncs
 
-    with open_database(settings) as url, psycopg.connect(url) as conn:
-        rows = syncs.recent_syncs(conn, settings.schema_name)
+    quiet_chosen_dagster_warnings()
+    from carsync_dagster.orchestration.recovery import failed_partitions
+    from carsync_dagster.orchestration.status import next_ticks, page_range_count
+
+    with open_database(settings) as url:
+        with psycopg.connect(url) as conn:
+            rows = syncs.recent_syncs(conn, settings.schema_name)
+        with open_instance(settings, url) as instance:
+            ranges, failed = page_range_count(instance), failed_partitions(instance)
+    scheduled = next_ticks()
     if json_output:
-        print(json.dumps(rows, default=str))
+        report = {
+            "syncs": rows,
+            "page_ranges": ranges,
+            "failed_page_ranges": failed,
+            "next_scheduled": scheduled,
+        }
+        print(json.dumps(report, default=str))
         return
+    out.print(_syncs_table(rows))
+    out.print(f"page ranges: {ranges}, failed: {', '.join(failed) if failed else 'none'}")
+    for name, when in scheduled.items():
+        out.print(f"next {name}: {when:%Y-%m-%d %H:%M} UTC (if the schedule is on in `carsync ui`)")
+
+
+def _syncs_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="carsync: recent syncs")
     for column in ("started", "kind", "status", "seconds", "pages", "inserted", "updated", "error"):
         table.add_column(column)
@@ -222,7 +243,7 @@ def status(
             str(summary.get("updated", "")),
             row["last_error"] or "",
         )
-    out.print(table)
+    return table
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -74,6 +75,31 @@ def open_database(settings: Settings) -> Iterator[str]:
         yield database_url
 
 
+def prepare_dagster_home(settings: Settings) -> Path:
+    home = settings.dagster_home_path
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        template = resources.files("carsync_dagster") / "dagster.yaml"
+        (home / "dagster.yaml").write_text(template.read_text())
+    return home
+
+
+@contextlib.contextmanager
+def open_instance(settings: Settings, database_url: str) -> Iterator[Any]:
+    """The Dagster instance at DAGSTER_HOME, for commands that need no API."""
+    from dagster import DagsterInstance
+
+    home = prepare_dagster_home(settings)
+    env = {"DAGSTER_HOME": str(home), DAGSTER_PG_URL_ENV: dagster_postgres_url(database_url)}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        with DagsterInstance.get() as instance:
+            yield instance
+    finally:
+        _restore_environ(saved)
+
+
 @contextlib.contextmanager
 def open_environment(
     settings: Settings, *, simulator_args: tuple[str, ...] = ()
@@ -90,11 +116,7 @@ def open_environment(
 
             simulator = stack.enter_context(start_simulator(args=simulator_args))
             api_base_url, api_key = simulator.base_url, simulator.api_key
-        home = settings.dagster_home_path
-        home.mkdir(parents=True, exist_ok=True)
-        if not (home / "dagster.yaml").exists():
-            template = resources.files("carsync_dagster") / "dagster.yaml"
-            (home / "dagster.yaml").write_text(template.read_text())
+        home = prepare_dagster_home(settings)
         env = {
             "API_BASE_URL": api_base_url,
             "API_KEY": api_key,

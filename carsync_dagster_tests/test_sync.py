@@ -77,9 +77,12 @@ def test_sync_is_exact_then_writes_nothing_then_counts_changes(
 
     status = run_carsync(["status", "--json"], env, tmp_path)
     assert status.returncode == 0, status.stderr
-    syncs = json.loads(status.stdout)
+    report = json.loads(status.stdout)
+    syncs = report["syncs"]
     assert [(s["kind"], s["status"]) for s in syncs] == [("full", "succeeded")] * 3
     assert syncs[0]["summary"]["updated"] == 37
+    assert report["page_ranges"] == 11 and report["failed_page_ranges"] == []  # 201 pages
+    assert set(report["next_scheduled"]) == {"full_sync_schedule", "incremental_sync_schedule"}
 
 
 def test_a_killed_sync_resumes_without_fetching_landed_partitions(

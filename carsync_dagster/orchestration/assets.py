@@ -31,7 +31,7 @@ from dagster import (
 )
 
 from carsync_dagster.orchestration.partitions import page_range, page_ranges
-from carsync_dagster.orchestration.progress import Progress
+from carsync_dagster.orchestration.progress import Progress, throughput_chart
 from carsync_dagster.orchestration.resources import ListingsApiResource, WarehouseResource
 from carsync_dagster.source.client import Page
 from carsync_dagster.source.extract import PartitionPages, fetch_partitions
@@ -100,7 +100,7 @@ def fetch_pages(
         )
         client = api.client()
 
-        async def fetch() -> tuple[int, list[dict[str, Any]]]:
+        async def fetch() -> tuple[int, list[dict[str, Any]], dict[int, int]]:
             async with client:
                 first = await client.get_page(1, settings.page_size)
                 todo, skipped = [], 0
@@ -144,9 +144,9 @@ def fetch_pages(
                     concurrency=settings.concurrency,
                 )
                 progress.flush()
-                return skipped, rows
+                return skipped, rows, progress.pages_per_second
 
-        skipped, rows = asyncio.run(fetch())
+        skipped, rows, per_second = asyncio.run(fetch())
     seconds = time.perf_counter() - started
     stats = client.stats
     pages = sum(int(r["pages"]) for r in rows)
@@ -173,6 +173,7 @@ def fetch_pages(
             "p95_latency_ms": round(stats.percentile(0.95) * 1000, 1),
             "seconds": round(seconds, 2),
             "per_partition": _table(sorted(rows, key=lambda r: str(r["partition"]))),
+            "throughput": MetadataValue.md(throughput_chart(per_second)),
         },
     )
 

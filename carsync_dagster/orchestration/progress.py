@@ -29,13 +29,16 @@ class Progress:
         self._conn, self._schema, self._sync_id = conn, schema, sync_id
         self._stats = stats
         self._heartbeat = heartbeat
-        self._heartbeat_at = time.monotonic()
+        self._heartbeat_at = self._started = time.monotonic()
+        self.pages_per_second: dict[int, int] = {}
         self.stage, self.total = stage, total
         self.done = self.pages = self.records = 0
         self._written_at = 0.0
         self.flush()
 
     def page_done(self, page: Page) -> None:
+        second = int(time.monotonic() - self._started)
+        self.pages_per_second[second] = self.pages_per_second.get(second, 0) + 1
         self.done += 1
         self.pages += 1
         self.records += page.record_count
@@ -72,3 +75,19 @@ class Progress:
             requests=requests,
             **counts,
         )
+
+
+def throughput_chart(pages_per_second: dict[int, int], width: int = 40, rows: int = 30) -> str:
+    """Pages/s over the fetch, at most `rows` bars, as a Markdown chart for the Dagster UI."""
+    if not pages_per_second:
+        return "_no pages fetched_"
+    span = -(-(max(pages_per_second) + 1) // rows)  # seconds per bar
+    bars = [
+        sum(pages_per_second.get(second, 0) for second in range(start, start + span)) / span
+        for start in range(0, max(pages_per_second) + 1, span)
+    ]
+    peak = max(bars)
+    lines = ["| from second | pages/s | |", "|---:|---:|:---|"]
+    for number, rate in enumerate(bars):
+        lines.append(f"| {number * span} | {rate:.0f} | {'█' * round(width * rate / peak)} |")
+    return "\n".join(lines)
