@@ -100,7 +100,7 @@ def fetch_pages(
         )
         client = api.client()
 
-        async def fetch() -> tuple[int, list[dict[str, Any]], dict[int, int]]:
+        async def fetch() -> tuple[int, list[dict[str, Any]], dict[int, int], int]:
             async with client:
                 first = await client.get_page(1, settings.page_size)
                 todo, skipped = [], 0
@@ -144,9 +144,9 @@ def fetch_pages(
                     concurrency=settings.concurrency,
                 )
                 progress.flush()
-                return skipped, rows, progress.pages_per_second
+                return skipped, rows, progress.pages_per_second, first.total
 
-        skipped, rows, per_second = asyncio.run(fetch())
+        skipped, rows, per_second, feed_total = asyncio.run(fetch())
     seconds = time.perf_counter() - started
     stats = client.stats
     pages = sum(int(r["pages"]) for r in rows)
@@ -157,6 +157,7 @@ def fetch_pages(
     return Output(
         None,
         metadata={
+            "feed_total": feed_total,  # meta.total when the sync began
             "partitions_fetched": len(rows),
             "partitions_skipped": skipped,
             "pages": pages,
