@@ -26,6 +26,7 @@ from dagster import (
 from carsync_dagster.definitions import defs
 from carsync_dagster.orchestration.partitions import page_ranges
 from carsync_dagster.orchestration.recovery import (
+    contiguous_blocks,
     failed_partition_sensor,
     failed_partitions,
     stale_run_sensor,
@@ -137,10 +138,16 @@ def test_failed_partitions_are_retried_at_most_three_times(
             assert isinstance(result, SensorResult)
             keys += [request.run_key for request in result.run_requests or []]
             cursor = result.cursor
-        assert keys == [f"retry:p00006-00010:{n}" for n in (1, 2, 3)], "3 retries, then no more"
+        assert keys == [f"retry:p00006-00010..p00006-00010:{n}" for n in (1, 2, 3)], "3, no more"
 
         instance.create_run_for_job(
             job_def=defs.resolve_job_def("full_sync"), status=DagsterRunStatus.STARTED
         )
         busy = failed_partition_sensor(build_sensor_context(instance=instance))
         assert isinstance(busy, SkipReason), "never while a sync that may redo them runs"
+
+
+def test_neighbouring_failed_ranges_are_retried_in_one_run() -> None:
+    order = ["p1", "p2", "p3", "p4", "p5", "p6"]
+    assert contiguous_blocks(["p5", "p1", "p2", "p4"], order) == [["p1", "p2"], ["p4", "p5"]]
+    assert contiguous_blocks([], order) == []

@@ -153,6 +153,18 @@ def stale_run_sensor(context: SensorEvaluationContext) -> SensorResult | SkipRea
 RETRIES_ENV = "CARSYNC_PARTITION_RETRIES"
 
 
+def contiguous_blocks(keys: list[str], order: list[str]) -> list[list[str]]:
+    """`keys` split into runs of neighbours in `order` (all keys, sorted)."""
+    position = {key: index for index, key in enumerate(order)}
+    blocks: list[list[str]] = []
+    for key in sorted(keys, key=position.__getitem__):
+        if blocks and position[key] == position[blocks[-1][-1]] + 1:
+            blocks[-1].append(key)
+        else:
+            blocks.append([key])
+    return blocks
+
+
 def failed_partitions(instance: DagsterInstance) -> list[str]:
     """Page ranges whose latest attempt at any asset of the chain failed."""
     keys = sorted(instance.get_dynamic_partitions(str(page_ranges.name)))
@@ -179,13 +191,20 @@ def failed_partition_sensor(context: SensorEvaluationContext) -> SensorResult | 
     attempts = {key: count for key, count in attempts.items() if key in failed}
     due = [key for key in failed if attempts.get(key, 0) < limit]
     requests = []
-    for key in due:
-        attempts[key] = attempts.get(key, 0) + 1
+    # One run per block of neighbouring page ranges, not one per range: a run costs seconds.
+    for block in contiguous_blocks(
+        due, sorted(context.instance.get_dynamic_partitions(str(page_ranges.name)))
+    ):
+        attempt = 1 + max(attempts.get(key, 0) for key in block)
+        attempts.update(dict.fromkeys(block, attempt))
         requests.append(
             RunRequest(
-                run_key=f"retry:{key}:{attempts[key]}",
-                partition_key=key,
-                tags={SYNC_KIND_TAG: "retry"},
+                run_key=f"retry:{block[0]}..{block[-1]}:{attempt}",
+                tags={
+                    SYNC_KIND_TAG: "retry",
+                    "dagster/asset_partition_range_start": block[0],
+                    "dagster/asset_partition_range_end": block[-1],
+                },
             )
         )
     cursor = json.dumps(attempts, sort_keys=True)
