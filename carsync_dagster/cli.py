@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -180,6 +181,9 @@ def ui(
             "-m", "carsync_dagster.definitions", "-h", host, "-p", str(port),
         ]  # fmt: skip
         process = subprocess.Popen(command, env={**os.environ, **env.env})
+        # `dagster dev` shuts its webserver, daemon and code servers down cleanly on SIGINT:
+        # turn our SIGTERM into that, so stopping `carsync ui` never leaves them running.
+        signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGINT))
         try:
             code = process.wait()
         except KeyboardInterrupt:

@@ -66,5 +66,11 @@ def test_ui_serves_the_asset_lineage(database_url: str, tmp_path: Path) -> None:
             "vanished_listings": ["recent_changes"],
         }
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        process.terminate()  # SIGTERM to `carsync ui` alone: it must stop what it started
+        process.wait(timeout=60)
+        leftovers = subprocess.run(
+            ["pgrep", "-f", f"(-p|--port) {port}"], capture_output=True, text=True, check=False
+        ).stdout.split()
+        if leftovers:
+            os.killpg(process.pid, signal.SIGKILL)
+        assert leftovers == [], "dagster dev, webserver or daemon left running"
