@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -180,15 +181,22 @@ def ui(
             sys.executable, "-m", "dagster", "dev",
             "-m", "carsync_dagster.definitions", "-h", host, "-p", str(port),
         ]  # fmt: skip
-        process = subprocess.Popen(command, env={**os.environ, **env.env})
-        # `dagster dev` shuts its webserver, daemon and code servers down cleanly on SIGINT:
-        # turn our SIGTERM into that, so stopping `carsync ui` never leaves them running.
-        signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGINT))
+        # Its own process group, so stopping `carsync ui` can end everything `dagster dev`
+        # started even when one of its servers ignores the polite request.
+        process = subprocess.Popen(command, env={**os.environ, **env.env}, start_new_session=True)
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             code = process.wait()
         except KeyboardInterrupt:
-            process.terminate()
-            code = process.wait(timeout=30)
+            process.send_signal(signal.SIGINT)
+            try:
+                code = process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                code = process.wait()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # servers dagster dev left behind
     raise typer.Exit(code)
 
 
@@ -248,6 +256,10 @@ def _syncs_table(rows: list[dict[str, Any]]) -> Table:
             row["last_error"] or "",
         )
     return table
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> None:

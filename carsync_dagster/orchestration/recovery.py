@@ -7,12 +7,13 @@ retries are off in dagster.yaml):
   sync runs, so it cannot race a recovery that is already redoing those partitions.
 Sensor run keys are never reused, so neither can request the same re-run twice."""
 
+import contextlib
 import json
 import os
-import signal
 import socket
 import time
 
+import psutil
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
@@ -100,10 +101,19 @@ def why_stale(instance: DagsterInstance, run: DagsterRun, stale_after: float) ->
 
 
 def _stop_worker(run: DagsterRun, pid: int | None) -> None:
-    """A silent worker may wake up later and write again: end it, so only the re-run writes."""
+    """A silent worker (and the step processes it started) may wake up later and write again:
+    end them all, so only the re-run writes."""
     local = run.tags.get(HOST_TAG, socket.gethostname()) == socket.gethostname()
-    if local and pid is not None and pid != os.getpid() and _alive(pid):
-        os.kill(pid, signal.SIGKILL)
+    if not local or pid is None or pid == os.getpid():
+        return
+    try:
+        worker = psutil.Process(pid)
+        family = [*worker.children(recursive=True), worker]
+    except psutil.NoSuchProcess:
+        return
+    for process in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 @sensor(
