@@ -5,6 +5,7 @@ from dagster import Definitions, EnvVar
 from carsync_dagster.orchestration.assets import cars, normalised, pages
 from carsync_dagster.orchestration.automation import (
     discovery_sensor,
+    freshness_schedule,
     full_sync_schedule,
     incremental_sync_schedule,
     sync_failure_alert,
@@ -17,7 +18,12 @@ from carsync_dagster.orchestration.changes import (
     sync_freshness,
     vanished_listings,
 )
-from carsync_dagster.orchestration.jobs import full_sync_job, incremental_sync_job, page_ranges_job
+from carsync_dagster.orchestration.jobs import (
+    freshness_job,
+    full_sync_job,
+    incremental_sync_job,
+    page_ranges_job,
+)
 from carsync_dagster.orchestration.recovery import (
     failed_partition_sensor,
     partitions_healthy,
@@ -34,8 +40,8 @@ defs = Definitions(
         sync_freshness,
         partitions_healthy,
     ],
-    jobs=[full_sync_job, incremental_sync_job, page_ranges_job],
-    schedules=[full_sync_schedule, incremental_sync_schedule],
+    jobs=[full_sync_job, incremental_sync_job, page_ranges_job, freshness_job],
+    schedules=[full_sync_schedule, incremental_sync_schedule, freshness_schedule],
     sensors=[discovery_sensor, stale_run_sensor, failed_partition_sensor, sync_failure_alert],
     resources={
         "api": ListingsApiResource(base_url=EnvVar("API_BASE_URL"), api_key=EnvVar("API_KEY")),

@@ -26,6 +26,7 @@ from carsync_dagster.definitions import defs
 from carsync_dagster.orchestration.automation import (
     alert_message,
     discovery_sensor,
+    freshness_schedule,
     full_sync_schedule,
     incremental_sync_schedule,
     send_alert,
@@ -151,3 +152,21 @@ def test_the_instance_config_loads_with_postgres_storage_and_monitoring(instance
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
     assert instance.run_monitoring_enabled
     assert not instance.run_retries_enabled
+
+
+def test_freshness_is_checked_on_its_own_and_warns_when_no_sync_ran(
+    instance: Any, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from carsync_dagster.warehouse.schema import migrate
+
+    migrate(database_url, "carsync")
+    for name, value in (("API_BASE_URL", "http://127.0.0.1:9"), ("API_KEY", "k")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    assert isinstance(
+        freshness_schedule(build_schedule_context(scheduled_execution_time=TICK)), RunRequest
+    )
+    result = defs.resolve_job_def("sync_freshness_check").execute_in_process(instance=instance)
+    assert result.success, "a stale warehouse warns; it does not fail the run"
+    [evaluation] = result.get_asset_check_evaluations()
+    assert evaluation.check_name == "sync_freshness" and not evaluation.passed

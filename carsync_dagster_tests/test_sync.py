@@ -57,8 +57,7 @@ def test_sync_is_exact_then_writes_nothing_then_counts_changes(
     assert first["rejected"] == len(truth["rejected"])
     assert first["fetched"] == len(truth["cars"]) + len(truth["rejected"])
     assert first["pages"] == 200
-    # The first sync has no earlier one to be fresh against: only that warning-level check.
-    assert first["checks_failed"] == ["sync_freshness"]
+    assert first["checks_failed"] == []
 
     before = _xmins(database_url)
     second = _summary(run_carsync(["sync", "--json"], env, tmp_path))

@@ -26,7 +26,12 @@ from dagster import (
 )
 
 from carsync_dagster.orchestration.assets import SYNC_KIND_TAG
-from carsync_dagster.orchestration.jobs import full_sync_job, incremental_sync_job, page_ranges_job
+from carsync_dagster.orchestration.jobs import (
+    freshness_job,
+    full_sync_job,
+    incremental_sync_job,
+    page_ranges_job,
+)
 from carsync_dagster.orchestration.partitions import page_ranges, partition_keys
 from carsync_dagster.orchestration.resources import ListingsApiResource
 from carsync_dagster.settings import SettingsError, load_settings, redact
@@ -110,6 +115,16 @@ def incremental_sync_schedule(context: ScheduleEvaluationContext) -> RunRequest 
         run_key=_tick_key(context.scheduled_execution_time),
         tags={SYNC_KIND_TAG: "incremental"},
     )
+
+
+@schedule(
+    cron_schedule="*/30 * * * *",
+    job=freshness_job,
+    default_status=DefaultScheduleStatus.RUNNING,
+    description="Checks every 30 minutes that syncs keep happening (the sync_freshness check).",
+)
+def freshness_schedule(context: ScheduleEvaluationContext) -> RunRequest:
+    return RunRequest(run_key=_tick_key(context.scheduled_execution_time))
 
 
 def _tick_key(scheduled: datetime | None) -> str | None:

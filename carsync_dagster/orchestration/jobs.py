@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from dagster import AssetSelection, define_asset_job
+from dagster import AssetCheckKey, AssetSelection, define_asset_job
 
 from carsync_dagster.orchestration.assets import cars, normalised, pages
 from carsync_dagster.orchestration.changes import recent_changes, vanished_listings
 
+# Freshness is about the time between syncs: checked on its own schedule, not inside one.
+FRESHNESS = AssetSelection.checks(AssetCheckKey(cars.key, "sync_freshness"))
+
 full_sync_job = define_asset_job(
     "full_sync",
-    selection=AssetSelection.assets(pages, normalised, cars, recent_changes, vanished_listings),
+    selection=AssetSelection.assets(pages, normalised, cars, recent_changes, vanished_listings)
+    - FRESHNESS,
     description=(
         "Fetch, normalise and merge every page range in one run, catch up on changes made "
         "meanwhile, then confirm and mark the listings that left the feed."
@@ -24,7 +28,13 @@ incremental_sync_job = define_asset_job(
 
 page_ranges_job = define_asset_job(
     "page_ranges_sync",
-    selection=AssetSelection.assets(pages, normalised, cars),
+    selection=AssetSelection.assets(pages, normalised, cars) - FRESHNESS,
     description="Some page ranges only, without the closing steps: what failed-partition "
     "retries run.",
+)
+
+freshness_job = define_asset_job(
+    "sync_freshness_check",
+    selection=FRESHNESS,
+    description="Is the last full sync under a day old, and some sync recent?",
 )
