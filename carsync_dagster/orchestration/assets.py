@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from dagster import (
     AssetExecutionContext,
     AssetKey,
@@ -202,14 +203,7 @@ def normalised(
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     with warehouse.connect(autocommit=True) as conn:
-        progress = Progress(
-            conn,
-            warehouse.schema_name,
-            sync_id,
-            "normalise",
-            len(context.partition_keys),
-            heartbeat=context.log.info,
-        )
+        progress = _partition_progress(context, conn, warehouse, sync_id, "normalise")
         for key in context.partition_keys:
             began = time.perf_counter()
             batch = normalise(landing.records(key), this_year=this_year)
@@ -250,14 +244,7 @@ def cars(
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     with warehouse.connect() as conn, warehouse.connect(autocommit=True) as status_conn:
-        progress = Progress(
-            status_conn,
-            warehouse.schema_name,
-            sync_id,
-            "merge",
-            len(context.partition_keys),
-            heartbeat=context.log.info,
-        )
+        progress = _partition_progress(context, status_conn, warehouse, sync_id, "merge")
         for key in context.partition_keys:
             began = time.perf_counter()
             cars_frame, rejected_frame = store.read(key)
@@ -295,6 +282,19 @@ def cars(
             "per_partition": _table(rows),
         }
     )
+
+
+def _partition_progress(
+    context: AssetExecutionContext,
+    conn: psycopg.Connection,
+    warehouse: WarehouseResource,
+    sync_id: str,
+    stage: str,
+) -> Progress:
+    """Progress of a stage that goes partition by partition."""
+    total = len(context.partition_keys)
+    schema = warehouse.schema_name
+    return Progress(conn, schema, sync_id, stage, total, heartbeat=context.log.info)
 
 
 def sync_year(warehouse: WarehouseResource, sync_id: str) -> int:

@@ -87,14 +87,12 @@ def sync_in_progress(instance: DagsterInstance) -> bool:
     description="A full sync every night: one run over every page range.",
 )
 def full_sync_schedule(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
-    if sync_in_progress(context.instance):
-        return SkipReason("another sync is running; the next tick tries again")
     keys = sorted(context.instance.get_dynamic_partitions(str(page_ranges.name)))
     if not keys:
         return SkipReason("no page ranges yet: the discovery sensor adds them")
-    return RunRequest(
-        run_key=_tick_key(context.scheduled_execution_time),
-        tags={
+    return _sync_tick(
+        context,
+        {
             "dagster/asset_partition_range_start": keys[0],
             "dagster/asset_partition_range_end": keys[-1],
             SYNC_KIND_TAG: "full",
@@ -109,12 +107,14 @@ def full_sync_schedule(context: ScheduleEvaluationContext) -> RunRequest | SkipR
     description="An incremental sync every 15 minutes (updated_since the last watermark).",
 )
 def incremental_sync_schedule(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
+    return _sync_tick(context, {SYNC_KIND_TAG: "incremental"})
+
+
+def _sync_tick(context: ScheduleEvaluationContext, tags: dict[str, str]) -> RunRequest | SkipReason:
+    """One run per tick (the tick time is its run key), and none while any sync runs."""
     if sync_in_progress(context.instance):
         return SkipReason("another sync is running; the next tick tries again")
-    return RunRequest(
-        run_key=_tick_key(context.scheduled_execution_time),
-        tags={SYNC_KIND_TAG: "incremental"},
-    )
+    return RunRequest(run_key=_tick_key(context.scheduled_execution_time), tags=tags)
 
 
 @schedule(

@@ -26,7 +26,7 @@ from carsync_dagster.source.errors import (
 )
 from carsync_dagster.source.ratelimit import RateControl
 
-_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_SERVER_ERRORS = frozenset({500, 502, 503, 504})
 T = TypeVar("T")
 
 
@@ -307,7 +307,7 @@ class ListingsClient:
             raise RetryableApiError(
                 f"{path}: HTTP 429", kind="429", retry_after=_retry_after(headers)
             )
-        if status in _RETRY_STATUSES:
+        if status in _SERVER_ERRORS:
             raise RetryableApiError(f"{path}: HTTP {status}", kind="5xx")
         self.stats.count(str(status))
         raise ApiError(f"{path}: unexpected HTTP {status} from the API")
