@@ -17,11 +17,18 @@ from dataclasses import dataclass
 
 
 class Pacer:
-    """At most `rate` request starts per second, evenly spaced; None means no pacing."""
+    """At most `rate` request starts per second, evenly spaced; None means no pacing.
 
-    def __init__(self, rate: float | None) -> None:
+    With `hard=True` it also counts the starts it really made: a late wake-up can bunch two
+    spaced starts together, and a server counting per second must still never see more than
+    `rate` of them in any one second."""
+
+    WINDOW = 1.0 + 0.01  # a second, with room for clock and loopback jitter
+
+    def __init__(self, rate: float | None, *, hard: bool = False) -> None:
         self.rate = rate
         self._next = 0.0
+        self._started: deque[float] | None = deque() if hard and rate else None
 
     async def wait(self) -> None:
         if self.rate is None:
@@ -32,6 +39,17 @@ class Pacer:
         self._next = start + 1.0 / self.rate
         if start > now:
             await asyncio.sleep(start - now)
+        started = self._started
+        if started is None:
+            return
+        limit = max(1, int(self.rate))
+        while len(started) >= limit and time.monotonic() - started[0] < self.WINDOW:
+            await asyncio.sleep(self.WINDOW - (time.monotonic() - started[0]))
+            while started and time.monotonic() - started[0] >= self.WINDOW:
+                started.popleft()
+        started.append(time.monotonic())
+        while len(started) > limit:
+            started.popleft()
 
 
 @dataclass
@@ -166,7 +184,7 @@ class RateControl:
     """One per run: the ceiling, or the adaptive controller, shared by every request."""
 
     def __init__(self, ceiling: float) -> None:
-        self.pacer = Pacer(ceiling if ceiling > 0 else None)
+        self.pacer = Pacer(ceiling if ceiling > 0 else None, hard=True)
         self.adaptive = AdaptiveRate(self.pacer) if ceiling <= 0 else None
 
     async def wait(self) -> None:
