@@ -176,6 +176,12 @@ def ui(
     from carsync_dagster.runner import open_environment
 
     with open_environment(settings) as env:
+        from dagster import DagsterInstance
+
+        from carsync_dagster.orchestration.assets import ensure_api_pool
+
+        with DagsterInstance.get() as instance:
+            ensure_api_pool(instance)
         err.print(f"carsync ui: http://{host}:{port} (Ctrl-C stops)", markup=False)
         command = [
             sys.executable, "-m", "dagster", "dev",
@@ -222,7 +228,7 @@ def status(
             rows = syncs.recent_syncs(conn, settings.schema_name)
         with open_instance(settings, url) as instance:
             ranges, failed = page_range_count(instance), failed_partitions(instance)
-    scheduled = next_ticks()
+    scheduled = next_ticks(settings)
     if json_output:
         report = {
             "syncs": rows,

@@ -1,14 +1,15 @@
-"""The Dagster code location: one thin Definitions object."""
+"""The Dagster code location: one thin Definitions object, built when the location loads (not at
+import), so schedules and sensors follow the settings in the environment."""
 
-from dagster import Definitions, EnvVar
+import os
+
+from dagster import Definitions, EnvVar, definitions
 
 from carsync_dagster.orchestration.assets import cars, normalised, pages
 from carsync_dagster.orchestration.automation import (
     discovery_sensor,
-    freshness_schedule,
-    full_sync_schedule,
-    incremental_sync_schedule,
     sync_failure_alert,
+    sync_schedules,
 )
 from carsync_dagster.orchestration.changes import (
     active_rows_match_feed,
@@ -24,27 +25,28 @@ from carsync_dagster.orchestration.jobs import (
     incremental_sync_job,
     page_ranges_job,
 )
-from carsync_dagster.orchestration.recovery import (
-    failed_partition_sensor,
-    partitions_healthy,
-    stale_run_sensor,
-)
+from carsync_dagster.orchestration.recovery import partitions_healthy, recovery_sensors
 from carsync_dagster.orchestration.resources import ListingsApiResource, WarehouseResource
+from carsync_dagster.settings import load_settings
 
-defs = Definitions(
-    assets=[pages, normalised, cars, recent_changes, vanished_listings],
-    asset_checks=[
-        cars_ids_unique,
-        active_rows_match_feed,
-        rejected_fraction,
-        sync_freshness,
-        partitions_healthy,
-    ],
-    jobs=[full_sync_job, incremental_sync_job, page_ranges_job, freshness_job],
-    schedules=[full_sync_schedule, incremental_sync_schedule, freshness_schedule],
-    sensors=[discovery_sensor, stale_run_sensor, failed_partition_sensor, sync_failure_alert],
-    resources={
-        "api": ListingsApiResource(base_url=EnvVar("API_BASE_URL"), api_key=EnvVar("API_KEY")),
-        "warehouse": WarehouseResource(database_url=EnvVar("DATABASE_URL")),
-    },
-)
+
+@definitions
+def defs() -> Definitions:
+    settings = load_settings(os.environ)
+    return Definitions(
+        assets=[pages, normalised, cars, recent_changes, vanished_listings],
+        asset_checks=[
+            cars_ids_unique,
+            active_rows_match_feed,
+            rejected_fraction,
+            sync_freshness,
+            partitions_healthy,
+        ],
+        jobs=[full_sync_job, incremental_sync_job, page_ranges_job, freshness_job],
+        schedules=sync_schedules(settings),
+        sensors=[discovery_sensor(settings), *recovery_sensors(settings), sync_failure_alert],
+        resources={
+            "api": ListingsApiResource(base_url=EnvVar("API_BASE_URL"), api_key=EnvVar("API_KEY")),
+            "warehouse": WarehouseResource(database_url=EnvVar("DATABASE_URL")),
+        },
+    )

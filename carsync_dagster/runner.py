@@ -220,10 +220,17 @@ def run_sync(
     quiet_chosen_dagster_warnings()
     from dagster import DagsterInstance
 
-    from carsync_dagster.definitions import defs
-    from carsync_dagster.orchestration.assets import HOST_TAG, PID_TAG, SYNC_ID_TAG, SYNC_KIND_TAG
+    from carsync_dagster.definitions import defs as load_definitions
+    from carsync_dagster.orchestration.assets import (
+        HOST_TAG,
+        PID_TAG,
+        SYNC_ID_TAG,
+        SYNC_KIND_TAG,
+        ensure_api_pool,
+    )
     from carsync_dagster.orchestration.changes import ALLOW_MASS_DEACTIVATION_TAG
     from carsync_dagster.orchestration.partitions import partition_keys
+    from carsync_dagster.orchestration.recovery import fail_dead_runs
 
     schema = env.settings.schema_name
     kind = "incremental" if incremental else "full"
@@ -244,6 +251,8 @@ def run_sync(
         if allow_mass_deactivation:
             tags[ALLOW_MASS_DEACTIVATION_TAG] = "true"
         instance = DagsterInstance.get()
+        ensure_api_pool(instance)
+        fail_dead_runs(instance)  # a killed sync's run would hold the API pool slot for ever
         if not incremental:
             keys = partition_keys(_discover_last_page(env), env.settings.pages_per_partition)
             if not keys:
@@ -255,11 +264,15 @@ def run_sync(
         watcher = _ProgressWatcher(env.database_url, schema, sync_id, on_progress)
         watcher.start()
         try:
-            result = defs.resolve_job_def(f"{kind}_sync").execute_in_process(
-                instance=instance,
-                tags=tags,
-                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-                raise_on_error=False,
+            result = (
+                load_definitions()
+                .resolve_job_def(f"{kind}_sync")
+                .execute_in_process(
+                    instance=instance,
+                    tags=tags,
+                    run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+                    raise_on_error=False,
+                )
             )
         finally:
             watcher.stop()

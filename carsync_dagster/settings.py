@@ -55,6 +55,13 @@ class Settings(BaseModel):
     full_sync_max_age: float = Field(default=26 * 3600, validation_alias="CARSYNC_FULL_MAX_AGE")
     any_sync_max_age: float = Field(default=1800, validation_alias="CARSYNC_SYNC_MAX_AGE")
     data_dir: str = Field(default=".carsync", validation_alias="CARSYNC_DATA_DIR")
+    full_sync_cron: str = Field(default="0 3 * * *", validation_alias="CARSYNC_FULL_SYNC_CRON")
+    incremental_sync_cron: str = Field(
+        default="*/15 * * * *", validation_alias="CARSYNC_INCREMENTAL_SYNC_CRON"
+    )
+    sensor_interval: int = Field(default=30, validation_alias="CARSYNC_SENSOR_INTERVAL")
+    stale_after: float = Field(default=300.0, validation_alias="CARSYNC_STALE_AFTER")
+    partition_retries: int = Field(default=3, validation_alias="CARSYNC_PARTITION_RETRIES")
 
     @field_validator("api_base_url")
     @classmethod
@@ -90,7 +97,18 @@ class Settings(BaseModel):
             raise ValueError("must be between 1 and 1000")
         return value
 
-    @field_validator("pages_per_partition", "concurrency", "max_attempts", "breaker_failures")
+    @field_validator("full_sync_cron", "incremental_sync_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from dagster._utils.schedules import is_valid_cron_string  # only its cron grammar
+
+        if not is_valid_cron_string(value):
+            raise ValueError("must be a cron string such as '0 3 * * *'")
+        return value
+
+    @field_validator(
+        "pages_per_partition", "concurrency", "max_attempts", "breaker_failures", "sensor_interval"
+    )
     @classmethod
     def _at_least_one(cls, value: int) -> int:
         if value < 1:
@@ -104,14 +122,16 @@ class Settings(BaseModel):
             raise ValueError("must be a fraction between 0 and 1")
         return value
 
-    @field_validator("rps", "watermark_margin", "full_sync_max_age", "any_sync_max_age")
+    @field_validator(
+        "rps", "watermark_margin", "full_sync_max_age", "any_sync_max_age", "partition_retries"
+    )
     @classmethod
     def _not_negative(cls, value: float) -> float:
         if value < 0:
             raise ValueError("must not be negative")
         return value
 
-    @field_validator("request_timeout", "breaker_cooldown")
+    @field_validator("request_timeout", "breaker_cooldown", "stale_after")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:

@@ -82,3 +82,17 @@ def run_carsync(
         timeout=timeout,
         check=False,
     )
+
+
+def use_dagster_home(home: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`home` as DAGSTER_HOME with carsync's dagster.yaml: Postgres storage in `database_url`."""
+    from carsync_dagster.runner import dagster_postgres_url
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS dagster")
+    home.mkdir(parents=True, exist_ok=True)
+    template = Path(__file__).resolve().parents[1] / "carsync_dagster" / "dagster.yaml"
+    (home / "dagster.yaml").write_text(template.read_text())
+    monkeypatch.setenv("CARSYNC_DAGSTER_PG_URL", dagster_postgres_url(database_url))
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home

@@ -4,22 +4,15 @@ partitions launched from the UI materialises them. Screenshots are kept in test-
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 from playwright.sync_api import Page, sync_playwright
 
 from carsync_dagster.simulator.process import start_simulator
 from carsync_dagster_tests.conftest import carsync_env
+from carsync_dagster_tests.ui_process import carsync_ui, graphql, wait_for
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -29,52 +22,12 @@ STATUS_QUERY = """{ assetNodeOrError(assetKey: {path: ["pages"]}) { ... on Asset
   assetPartitionStatuses { ... on DefaultPartitionStatuses { materializedPartitions } } } } }"""
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _graphql(base: str, query: str) -> dict[str, Any]:
-    response = httpx.post(f"{base}/graphql", json={"query": query}, timeout=10)
-    response.raise_for_status()
-    data: dict[str, Any] = response.json()["data"]
-    return data
-
-
-def _wait_for(what: str, seconds: float, check: Any) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1)
-
-
 @pytest.fixture
 def ui(database_url: str, tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
     with start_simulator(cars=5_000, seed=41) as simulator:
         env = carsync_env(tmp_path, database_url, simulator, CARSYNC_PAGES_PER_PARTITION="10")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "carsync_dagster", "ui", "--port", str(port)],
-            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-        base = f"http://127.0.0.1:{port}"
-        try:
-            _wait_for("the UI", 90, lambda: httpx.get(f"{base}/server_info").is_success)
+        with carsync_ui(env, tmp_path) as (base, _):
             yield base
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
 
 
 def _dismiss_welcome(page: Page) -> None:
@@ -88,10 +41,10 @@ def test_a_person_sees_the_lineage_and_backfills_two_partitions(ui: str) -> None
     assert Path(CHROMIUM).exists(), "Debian's chromium is installed by .ci/run"
     ARTIFACTS.mkdir(exist_ok=True)
     # The discovery sensor, run by the daemon `carsync ui` starts, registers the page ranges.
-    keys = _wait_for(
+    keys = wait_for(
         "the discovery sensor",
         120,
-        lambda: _graphql(ui, STATUS_QUERY)["assetNodeOrError"]["partitionKeys"],
+        lambda: graphql(ui, STATUS_QUERY)["assetNodeOrError"]["partitionKeys"],
     )
     assert keys == ["p00001-00010", "p00011-00020", "p00021-00030", "p00031-00040", "p00041-00050"]
 
@@ -124,12 +77,12 @@ def test_a_person_sees_the_lineage_and_backfills_two_partitions(ui: str) -> None
         page.screenshot(path=str(ARTIFACTS / "backfill-dialog.png"))
         page.get_by_role("button", name="Launch backfill").click()
 
-        materialized = _wait_for(
+        materialized = wait_for(
             "the backfill",
             180,
             lambda: (
                 set(
-                    _graphql(ui, STATUS_QUERY)["assetNodeOrError"]["assetPartitionStatuses"][
+                    graphql(ui, STATUS_QUERY)["assetNodeOrError"]["assetPartitionStatuses"][
                         "materializedPartitions"
                     ]
                 )
@@ -141,5 +94,5 @@ def test_a_person_sees_the_lineage_and_backfills_two_partitions(ui: str) -> None
         page.wait_for_timeout(2000)
         page.screenshot(path=str(ARTIFACTS / "partitions-after.png"))
         browser.close()
-    statuses = _graphql(ui, STATUS_QUERY)["assetNodeOrError"]["assetPartitionStatuses"]
+    statuses = graphql(ui, STATUS_QUERY)["assetNodeOrError"]["assetPartitionStatuses"]
     assert sorted(statuses["materializedPartitions"]) == ["p00001-00010", "p00011-00020"]

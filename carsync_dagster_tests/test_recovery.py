@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from dagster import (
     DagsterInstance,
@@ -23,18 +22,18 @@ from dagster import (
     build_sensor_context,
 )
 
-from carsync_dagster.definitions import defs
+from carsync_dagster.definitions import defs as load_definitions
 from carsync_dagster.orchestration.partitions import page_ranges
 from carsync_dagster.orchestration.recovery import (
     contiguous_blocks,
-    failed_partition_sensor,
     failed_partitions,
-    stale_run_sensor,
+    recover_stale_runs,
+    retry_failed_partitions,
 )
 from carsync_dagster.runner import dagster_postgres_url
 from carsync_dagster.simulator.process import start_simulator
 from carsync_dagster.warehouse.schema import migrate
-from carsync_dagster_tests.conftest import carsync_env
+from carsync_dagster_tests.conftest import carsync_env, use_dagster_home
 from carsync_dagster_tests.warehouse_truth import differences
 
 
@@ -51,9 +50,13 @@ def _start_sync_and_wait_for_landing(env: dict[str, str], cwd: Path) -> subproce
 
 
 def _recover(
-    instance: Any, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], database_url: str
+    instance: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    database_url: str,
+    stale_after: float,
 ) -> RunRequest:
-    result = stale_run_sensor(build_sensor_context(instance=instance))
+    result = recover_stale_runs(build_sensor_context(instance=instance), stale_after)
     assert isinstance(result, SensorResult) and len(result.run_requests or []) == 1
     request = (result.run_requests or [])[0]
     failed = instance.get_run_records()
@@ -62,8 +65,10 @@ def _recover(
     for name in ("API_BASE_URL", "API_KEY", "CARSYNC_DATA_DIR", "CARSYNC_PAGES_PER_PARTITION"):
         monkeypatch.setenv(name, env[name])
     monkeypatch.setenv("DATABASE_URL", database_url)
-    rerun = defs.resolve_job_def(str(request.job_name)).execute_in_process(
-        instance=instance, tags=request.tags
+    rerun = (
+        load_definitions()
+        .resolve_job_def(str(request.job_name))
+        .execute_in_process(instance=instance, tags=request.tags)
     )
     assert rerun.success
     return request
@@ -90,12 +95,11 @@ def test_an_interrupted_sync_is_failed_and_rerun_to_an_exact_warehouse(
             process.wait()
         else:
             os.kill(process.pid, signal.SIGSTOP)
-            monkeypatch.setenv("CARSYNC_STALE_AFTER", "2")
             time.sleep(3)
         with DagsterInstance.get() as instance:
             before = instance.get_run_records()[0].dagster_run
             assert before.status == DagsterRunStatus.STARTED
-            request = _recover(instance, monkeypatch, env, database_url)
+            request = _recover(instance, monkeypatch, env, database_url, stale_after=2)
             reason = instance.get_run_records(limit=2)[1]  # the failed run, older than the re-run
         if how == "SIGSTOP":
             assert process.wait(timeout=10) == -signal.SIGKILL, "a silent worker is ended"
@@ -118,15 +122,15 @@ def test_failed_partitions_are_retried_at_most_three_times(
     }.items():
         monkeypatch.setenv(name, value)
     migrate(database_url, "carsync")
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("CREATE SCHEMA IF NOT EXISTS dagster")
-    (tmp_path / "dagster").mkdir()
-    template = Path(__file__).resolve().parents[1] / "carsync_dagster" / "dagster.yaml"
-    (tmp_path / "dagster" / "dagster.yaml").write_text(template.read_text())
+    use_dagster_home(tmp_path / "dagster", database_url, monkeypatch)
     with DagsterInstance.get() as instance:
         instance.add_dynamic_partitions(str(page_ranges.name), ["p00001-00005", "p00006-00010"])
-        failed = defs.resolve_job_def("page_ranges_sync").execute_in_process(
-            instance=instance, partition_key="p00006-00010", raise_on_error=False
+        failed = (
+            load_definitions()
+            .resolve_job_def("page_ranges_sync")
+            .execute_in_process(
+                instance=instance, partition_key="p00006-00010", raise_on_error=False
+            )
         )
         assert not failed.success
         assert failed_partitions(instance) == ["p00006-00010"]
@@ -134,16 +138,16 @@ def test_failed_partitions_are_retried_at_most_three_times(
         cursor, keys = None, []
         for _ in range(4):
             context = build_sensor_context(instance=instance, cursor=cursor)
-            result = failed_partition_sensor(context)
+            result = retry_failed_partitions(context, limit=3)
             assert isinstance(result, SensorResult)
             keys += [request.run_key for request in result.run_requests or []]
             cursor = result.cursor
         assert keys == [f"retry:p00006-00010..p00006-00010:{n}" for n in (1, 2, 3)], "3, no more"
 
         instance.create_run_for_job(
-            job_def=defs.resolve_job_def("full_sync"), status=DagsterRunStatus.STARTED
+            job_def=load_definitions().resolve_job_def("full_sync"), status=DagsterRunStatus.STARTED
         )
-        busy = failed_partition_sensor(build_sensor_context(instance=instance))
+        busy = retry_failed_partitions(build_sensor_context(instance=instance), limit=3)
         assert isinstance(busy, SkipReason), "never while a sync that may redo them runs"
 
 

@@ -33,3 +33,18 @@ def test_redact_hides_key_and_password_in_any_spelling() -> None:
     )
     text = "key k/ey+1 or k%2Fey%2B1, password p@ss"
     assert redact(text, settings.secrets()) == "key *** or ***, password ***"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CARSYNC_FULL_SYNC_CRON", "every night"),
+        ("CARSYNC_INCREMENTAL_SYNC_CRON", "*/15 * *"),
+        ("CARSYNC_SENSOR_INTERVAL", "0"),
+        ("CARSYNC_PARTITION_RETRIES", "-1"),
+    ],
+)
+def test_bad_automation_settings_name_the_setting(name: str, value: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings({name: value})
+    assert str(error.value).startswith(f"{name}: ") and repr(value) in str(error.value)

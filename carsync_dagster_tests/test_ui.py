@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
+from carsync_dagster_tests.ui_process import carsync_ui, graphql, leftovers
 
 LINEAGE_QUERY = "{ assetNodes { assetKey { path } dependencyKeys { path } } }"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_ui_serves_the_asset_lineage(database_url: str, tmp_path: Path) -> None:
-    port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CARSYNC_", "API_"))}
     env.update(
         DATABASE_URL=database_url,
@@ -31,29 +19,9 @@ def test_ui_serves_the_asset_lineage(database_url: str, tmp_path: Path) -> None:
         DAGSTER_HOME=str(tmp_path / "dagster"),
         CARSYNC_DATA_DIR=str(tmp_path / "data"),
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "carsync_dagster", "ui", "--port", str(port)],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, "carsync ui exited"
-            try:
-                response = httpx.post(
-                    f"http://127.0.0.1:{port}/graphql", json={"query": LINEAGE_QUERY}, timeout=5
-                )
-                if response.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the UI did not come up"
-            time.sleep(0.5)
-        nodes = response.json()["data"]["assetNodes"]
+    with carsync_ui(env, tmp_path) as (base, process):
+        nodes = graphql(base, LINEAGE_QUERY)["assetNodes"]
+        port = int(base.rsplit(":", 1)[1])
         upstream = {
             node["assetKey"]["path"][0]: [key["path"][0] for key in node["dependencyKeys"]]
             for node in nodes
@@ -65,12 +33,6 @@ def test_ui_serves_the_asset_lineage(database_url: str, tmp_path: Path) -> None:
             "recent_changes": ["cars"],
             "vanished_listings": ["recent_changes"],
         }
-    finally:
         process.terminate()  # SIGTERM to `carsync ui` alone: it must stop what it started
         process.wait(timeout=60)
-        leftovers = subprocess.run(
-            ["pgrep", "-f", f"(-p|--port) {port}"], capture_output=True, text=True, check=False
-        ).stdout.split()
-        if leftovers:
-            os.killpg(process.pid, signal.SIGKILL)
-        assert leftovers == [], "dagster dev, webserver or daemon left running"
+        assert leftovers(port) == [], "dagster dev, webserver or daemon left running"

@@ -18,6 +18,7 @@ from dagster import (
     AssetObservation,
     AssetsDefinition,
     BackfillPolicy,
+    DagsterInstance,
     MaterializeResult,
     MetadataValue,
     OpExecutionContext,
@@ -47,6 +48,20 @@ SYNC_KIND_TAG = "carsync/kind"
 HOST_TAG = "carsync/host"
 PID_TAG = "carsync/pid"
 GROUP = "carsync"
+# Every step that calls the API claims the one slot of this pool (dagster.yaml sets its limit), so
+# one step at a time uses the API across all runs and workers, and CARSYNC_RPS holds globally.
+API_POOL = "carsync_api"
+
+
+def ensure_api_pool(instance: DagsterInstance) -> None:
+    """Create the pool's row at dagster.yaml's default limit before any run needs it: two runs
+    starting together on a new instance would otherwise both insert it, and one would fail."""
+    storage = instance.event_log_storage
+    # Only when missing: on Postgres, Dagster's initialiser fails on an existing row.
+    if all(pool.name != API_POOL for pool in storage.get_pool_limits()):
+        storage.initialize_concurrency_limit_to_default(API_POOL)
+
+
 # Every asset of the sync has page-range partitions, and a backfill of a range is one run.
 _SINGLE_RUN = BackfillPolicy.single_run()
 
@@ -82,7 +97,11 @@ def _page_range_asset(
     )
 
 
-@op(out=Out(dagster_type=type(None)), description="Fetch the range's pages and land them.")
+@op(
+    out=Out(dagster_type=type(None)),
+    pool=API_POOL,
+    description="Fetch the range's pages and land them.",
+)
 def fetch_pages(
     context: OpExecutionContext, api: ListingsApiResource, warehouse: WarehouseResource
 ) -> Output[None]:

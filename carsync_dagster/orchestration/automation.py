@@ -16,7 +16,9 @@ from dagster import (
     RunFailureSensorContext,
     RunRequest,
     RunsFilter,
+    ScheduleDefinition,
     ScheduleEvaluationContext,
+    SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -34,23 +36,18 @@ from carsync_dagster.orchestration.jobs import (
 )
 from carsync_dagster.orchestration.partitions import page_ranges, partition_keys
 from carsync_dagster.orchestration.resources import ListingsApiResource
-from carsync_dagster.settings import SettingsError, load_settings, redact
+from carsync_dagster.settings import Settings, SettingsError, load_settings, redact
 
 logger = logging.getLogger("carsync.alerts")
 ALERT_WEBHOOK_ENV = "CARSYNC_ALERT_WEBHOOK"
 _ACTIVE = [DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
-_SYNC_JOBS = [full_sync_job.name, incremental_sync_job.name, page_ranges_job.name]
+SYNC_JOBS = (full_sync_job.name, incremental_sync_job.name, page_ranges_job.name)
 
 
-@sensor(
-    minimum_interval_seconds=60,
-    default_status=DefaultSensorStatus.RUNNING,
-    description="Keeps the page-range partitions matched to meta.last_page. It syncs nothing "
-    "itself: page ranges do not identify listings, so new ones arrive with the next sync.",
-)
-def discovery_sensor(
+def discover_page_ranges(
     context: SensorEvaluationContext, api: ListingsApiResource
 ) -> SensorResult | SkipReason:
+    """Adds and removes page ranges so the partitions match meta.last_page."""
     settings = api.settings()
     client = api.client()
 
@@ -77,16 +74,10 @@ def discovery_sensor(
 
 def sync_in_progress(instance: DagsterInstance) -> bool:
     runs = instance.get_run_records(RunsFilter(job_name=None, statuses=_ACTIVE), limit=20)
-    return any(record.dagster_run.job_name in _SYNC_JOBS for record in runs)
+    return any(record.dagster_run.job_name in SYNC_JOBS for record in runs)
 
 
-@schedule(
-    cron_schedule="0 3 * * *",
-    job=full_sync_job,
-    default_status=DefaultScheduleStatus.STOPPED,
-    description="A full sync every night: one run over every page range.",
-)
-def full_sync_schedule(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
+def full_sync_tick(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
     keys = sorted(context.instance.get_dynamic_partitions(str(page_ranges.name)))
     if not keys:
         return SkipReason("no page ranges yet: the discovery sensor adds them")
@@ -100,13 +91,7 @@ def full_sync_schedule(context: ScheduleEvaluationContext) -> RunRequest | SkipR
     )
 
 
-@schedule(
-    cron_schedule="*/15 * * * *",
-    job=incremental_sync_job,
-    default_status=DefaultScheduleStatus.STOPPED,
-    description="An incremental sync every 15 minutes (updated_since the last watermark).",
-)
-def incremental_sync_schedule(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
+def incremental_sync_tick(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
     return _sync_tick(context, {SYNC_KIND_TAG: "incremental"})
 
 
@@ -117,13 +102,7 @@ def _sync_tick(context: ScheduleEvaluationContext, tags: dict[str, str]) -> RunR
     return RunRequest(run_key=_tick_key(context.scheduled_execution_time), tags=tags)
 
 
-@schedule(
-    cron_schedule="*/30 * * * *",
-    job=freshness_job,
-    default_status=DefaultScheduleStatus.RUNNING,
-    description="Checks every 30 minutes that syncs keep happening (the sync_freshness check).",
-)
-def freshness_schedule(context: ScheduleEvaluationContext) -> RunRequest:
+def freshness_tick(context: ScheduleEvaluationContext) -> RunRequest:
     return RunRequest(run_key=_tick_key(context.scheduled_execution_time))
 
 
@@ -171,3 +150,42 @@ def sync_failure_alert(context: RunFailureSensorContext) -> None:
         context.dagster_run.job_name, context.dagster_run.run_id, redact(error, secrets)
     )
     send_alert(message, os.environ.get(ALERT_WEBHOOK_ENV))
+
+
+def sync_schedules(settings: Settings) -> list[ScheduleDefinition]:
+    """The schedules, with the cron strings of CARSYNC_FULL_SYNC_CRON and
+    CARSYNC_INCREMENTAL_SYNC_CRON. Syncs start STOPPED: turn them on in the UI."""
+    return [
+        schedule(
+            name="full_sync_schedule",
+            cron_schedule=settings.full_sync_cron,
+            job=full_sync_job,
+            default_status=DefaultScheduleStatus.STOPPED,
+            description=f"A full sync ({settings.full_sync_cron}): one run over every page range.",
+        )(full_sync_tick),
+        schedule(
+            name="incremental_sync_schedule",
+            cron_schedule=settings.incremental_sync_cron,
+            job=incremental_sync_job,
+            default_status=DefaultScheduleStatus.STOPPED,
+            description=f"An incremental sync ({settings.incremental_sync_cron}): the listings "
+            "updated since the last watermark.",
+        )(incremental_sync_tick),
+        schedule(
+            name="freshness_schedule",
+            cron_schedule="*/30 * * * *",
+            job=freshness_job,
+            default_status=DefaultScheduleStatus.RUNNING,
+            description="Checks every 30 minutes that syncs keep happening (sync_freshness).",
+        )(freshness_tick),
+    ]
+
+
+def discovery_sensor(settings: Settings) -> SensorDefinition:
+    return sensor(
+        name="discovery_sensor",
+        minimum_interval_seconds=settings.sensor_interval,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Keeps the page-range partitions matched to meta.last_page. It syncs nothing "
+        "itself: page ranges do not identify listings, so new ones arrive with the next sync.",
+    )(discover_page_ranges)

@@ -22,6 +22,7 @@ from dagster import (
 from psycopg import sql
 
 from carsync_dagster.orchestration.assets import (
+    API_POOL,
     GROUP,
     PID_TAG,
     SYNC_KIND_TAG,
@@ -76,6 +77,7 @@ def _is_complete_full_sync(context: AssetExecutionContext) -> bool:
 @asset(
     deps=[cars],
     group_name=GROUP,
+    pool=API_POOL,
     description=(
         "Listings created or updated since the last successful sync (updated_since = its "
         "watermark minus a margin), merged. Closes a full sync against page drift; run alone "
@@ -134,6 +136,7 @@ def recent_changes(
 @asset(
     deps=[recent_changes],
     group_name=GROUP,
+    pool=API_POOL,
     check_specs=[
         AssetCheckSpec(
             GUARD,

@@ -8,6 +8,7 @@ retries are off in dagster.yaml):
 Sensor run keys are never reused, so neither can request the same re-run twice."""
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ from dagster import (
     DefaultSensorStatus,
     RunRequest,
     RunsFilter,
+    SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -40,11 +42,11 @@ from carsync_dagster.orchestration.assets import (
     normalised,
     pages,
 )
-from carsync_dagster.orchestration.automation import sync_in_progress
+from carsync_dagster.orchestration.automation import SYNC_JOBS, sync_in_progress
 from carsync_dagster.orchestration.jobs import full_sync_job, incremental_sync_job, page_ranges_job
 from carsync_dagster.orchestration.partitions import page_ranges
+from carsync_dagster.settings import Settings
 
-STALE_AFTER_ENV = "CARSYNC_STALE_AFTER"
 _KEEP_TAGS = (
     "carsync/sync_id",
     "carsync/kind",
@@ -59,7 +61,7 @@ def _last_event_time(instance: DagsterInstance, run_id: str) -> float | None:
     return records[0].timestamp if records else None
 
 
-def _worker_pid(instance: DagsterInstance, run: DagsterRun) -> int | None:
+def worker_pid(instance: DagsterInstance, run: DagsterRun) -> int | None:
     if PID_TAG in run.tags:
         return int(run.tags[PID_TAG])
     engine_events = instance.get_records_for_run(
@@ -90,7 +92,7 @@ def _alive(pid: int) -> bool:
 def why_stale(instance: DagsterInstance, run: DagsterRun, stale_after: float) -> str | None:
     """Why a STARTED run should be failed, or None while it looks healthy."""
     local = run.tags.get(HOST_TAG, socket.gethostname()) == socket.gethostname()
-    pid = _worker_pid(instance, run)
+    pid = worker_pid(instance, run)
     if local and pid is not None and not _alive(pid):
         return f"its worker process {pid} is gone"
     last = _last_event_time(instance, run.run_id)
@@ -98,6 +100,25 @@ def why_stale(instance: DagsterInstance, run: DagsterRun, stale_after: float) ->
     if silent > stale_after:
         return f"it logged nothing for {silent:.0f}s (CARSYNC_STALE_AFTER={stale_after:.0f})"
     return None
+
+
+def fail_run(instance: DagsterInstance, run: DagsterRun, message: str) -> None:
+    instance.report_run_failed(run, message)
+    # Give back its API pool slot now: the daemon would take a while, and may not be running.
+    instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+
+
+def fail_dead_runs(instance: DagsterInstance) -> list[str]:
+    """Fails the STARTED sync runs whose worker on this host is gone (without re-running them:
+    the caller is about to sync), so they hold no pool slot. Returns their run ids."""
+    failed = []
+    for record in instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.STARTED])):
+        run = record.dagster_run
+        reason = why_stale(instance, run, stale_after=float("inf"))
+        if run.job_name in SYNC_JOBS and reason is not None:
+            fail_run(instance, run, f"carsync: {reason}")
+            failed.append(run.run_id)
+    return failed
 
 
 def _stop_worker(run: DagsterRun, pid: int | None) -> None:
@@ -116,15 +137,10 @@ def _stop_worker(run: DagsterRun, pid: int | None) -> None:
             process.kill()
 
 
-@sensor(
-    jobs=[full_sync_job, incremental_sync_job, page_ranges_job],
-    minimum_interval_seconds=30,
-    default_status=DefaultSensorStatus.RUNNING,
-    description="Fails sync runs that are silent for CARSYNC_STALE_AFTER (default 300 s) or whose "
-    "worker is gone, and requests the same sync again (it resumes from landed partitions).",
-)
-def stale_run_sensor(context: SensorEvaluationContext) -> SensorResult | SkipReason:
-    stale_after = float(os.environ.get(STALE_AFTER_ENV, "300"))
+def recover_stale_runs(
+    context: SensorEvaluationContext, stale_after: float
+) -> SensorResult | SkipReason:
+    """Fails stale sync runs and requests each of them again."""
     records = context.instance.get_run_records(
         RunsFilter(
             job_name=None,
@@ -135,17 +151,13 @@ def stale_run_sensor(context: SensorEvaluationContext) -> SensorResult | SkipRea
     requests = []
     for record in records:
         run = record.dagster_run
-        if run.job_name not in (
-            full_sync_job.name,
-            incremental_sync_job.name,
-            page_ranges_job.name,
-        ):
+        if run.job_name not in SYNC_JOBS:
             continue
         reason = why_stale(context.instance, run, stale_after)
         if reason is None:
             continue
-        _stop_worker(run, _worker_pid(context.instance, run))
-        context.instance.report_run_failed(run, f"carsync stale-run sensor: {reason}")
+        _stop_worker(run, worker_pid(context.instance, run))
+        fail_run(context.instance, run, f"carsync stale-run sensor: {reason}")
         context.log.warning(f"run {run.run_id} marked failed: {reason}; requested again")
         tags = {key: run.tags[key] for key in _KEEP_TAGS if key in run.tags}
         requests.append(
@@ -158,9 +170,6 @@ def stale_run_sensor(context: SensorEvaluationContext) -> SensorResult | SkipRea
     if not requests:
         return SkipReason("no stale sync runs")
     return SensorResult(run_requests=requests)
-
-
-RETRIES_ENV = "CARSYNC_PARTITION_RETRIES"
 
 
 def contiguous_blocks(keys: list[str], order: list[str]) -> list[list[str]]:
@@ -185,17 +194,12 @@ def failed_partitions(instance: DagsterInstance) -> list[str]:
     return sorted(failed)
 
 
-@sensor(
-    job=page_ranges_job,
-    minimum_interval_seconds=60,
-    default_status=DefaultSensorStatus.RUNNING,
-    description="Re-runs failed page ranges, at most CARSYNC_PARTITION_RETRIES (default 3) times "
-    "each; after that they stay failed and the `partitions_healthy` check says so.",
-)
-def failed_partition_sensor(context: SensorEvaluationContext) -> SensorResult | SkipReason:
+def retry_failed_partitions(
+    context: SensorEvaluationContext, limit: int
+) -> SensorResult | SkipReason:
+    """One run per block of failed page ranges that has attempts left."""
     if sync_in_progress(context.instance):
         return SkipReason("a sync is running: it may redo these partitions itself")
-    limit = int(os.environ.get(RETRIES_ENV, "3"))
     attempts: dict[str, int] = json.loads(context.cursor or "{}")
     failed = failed_partitions(context.instance)
     attempts = {key: count for key, count in attempts.items() if key in failed}
@@ -233,3 +237,31 @@ def partitions_healthy(context: AssetCheckExecutionContext) -> AssetCheckResult:
         metadata={"failed_page_ranges": len(failed)},
         description=f"failed page ranges: {', '.join(failed)}" if failed else "all page ranges ok",
     )
+
+
+def recovery_sensors(settings: Settings) -> list[SensorDefinition]:
+    def stale_run_sensor(context: SensorEvaluationContext) -> SensorResult | SkipReason:
+        return recover_stale_runs(context, settings.stale_after)
+
+    def failed_partition_sensor(context: SensorEvaluationContext) -> SensorResult | SkipReason:
+        return retry_failed_partitions(context, settings.partition_retries)
+
+    running_sensor = functools.partial(
+        sensor,
+        minimum_interval_seconds=settings.sensor_interval,
+        default_status=DefaultSensorStatus.RUNNING,
+    )
+    return [
+        running_sensor(
+            jobs=[full_sync_job, incremental_sync_job, page_ranges_job],
+            description=f"Fails sync runs silent for {settings.stale_after:.0f}s "
+            "(CARSYNC_STALE_AFTER) or whose worker is gone, and requests the same sync again "
+            "(it resumes from landed partitions).",
+        )(stale_run_sensor),
+        running_sensor(
+            job=page_ranges_job,
+            description=f"Re-runs failed page ranges, at most {settings.partition_retries} times "
+            "each (CARSYNC_PARTITION_RETRIES); after that they stay failed and the "
+            "`partitions_healthy` check says so.",
+        )(failed_partition_sensor),
+    ]

@@ -4,8 +4,9 @@ import os
 from pathlib import Path
 
 import psycopg
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, InitResourceContext
 
+from carsync_dagster.orchestration.lifeline import exit_with_run_worker
 from carsync_dagster.settings import Settings, load_settings
 from carsync_dagster.source.client import ListingsClient
 from carsync_dagster.source.landing import Landing
@@ -47,6 +48,9 @@ class WarehouseResource(ConfigurableResource["WarehouseResource"]):
     """The PostgreSQL warehouse: URL (EnvVar, it may hold a password) and schema."""
 
     database_url: str
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        exit_with_run_worker()  # every step that writes uses this resource
 
     @property
     def schema_name(self) -> str:

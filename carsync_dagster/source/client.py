@@ -152,6 +152,7 @@ class ListingsClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self.rate.pacer.quiet()
         await self._client.aclose()
 
     async def get_page(self, number: int, per_page: int, updated_since: str | None = None) -> Page:

@@ -1,0 +1,129 @@
+"""The API pool of dagster.yaml: concurrent runs take turns at the API, so CARSYNC_RPS is a
+ceiling for all of them together, and a killed run does not keep the pool's slot."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
+
+from carsync_dagster.orchestration.assets import API_POOL, ensure_api_pool
+from carsync_dagster.orchestration.partitions import page_ranges
+from carsync_dagster.orchestration.recovery import fail_dead_runs
+from carsync_dagster.simulator.process import RunningSimulator, start_simulator
+from carsync_dagster.warehouse.schema import migrate
+from carsync_dagster_tests.conftest import carsync_env, use_dagster_home
+
+# One page_ranges_sync run in its own process, as a daemon's run worker would run it.
+RUN_RANGE = """
+import sys
+from dagster import DagsterInstance
+from carsync_dagster.definitions import defs
+with DagsterInstance.get() as instance:
+    result = defs().resolve_job_def("page_ranges_sync").execute_in_process(
+        instance=instance,
+        tags={
+            "dagster/asset_partition_range_start": sys.argv[1],
+            "dagster/asset_partition_range_end": sys.argv[2],
+        },
+        raise_on_error=False,
+    )
+sys.exit(0 if result.success else 1)
+"""
+
+
+KEYS = ["p00001-00050", "p00051-00100", "p00101-00150", "p00151-00200"]
+
+
+@pytest.fixture
+def simulator() -> Iterator[RunningSimulator]:
+    # 200 pages of 10 in 4 page ranges; 50 ms latency keeps a fetch busy for a while.
+    with start_simulator(
+        cars=2_000, seed=8, args=["--broken-rate", "0", "--latency-ms", "50"]
+    ) as sim:
+        yield sim
+
+
+def _start_run(first: str, last: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", RUN_RANGE, first, last], env=env, cwd=cwd)
+
+
+@pytest.fixture
+def run_env(
+    simulator: RunningSimulator,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[dict[str, str], DagsterInstance]]:
+    """The environment of a run worker, with the page ranges registered and the warehouse ready."""
+    migrate(database_url, "carsync")
+    use_dagster_home(tmp_path / "dagster", database_url, monkeypatch)
+    env = carsync_env(
+        tmp_path, database_url, simulator, CARSYNC_PAGE_SIZE="10", CARSYNC_RPS="20",
+        CARSYNC_CONCURRENCY="4", CARSYNC_PAGES_PER_PARTITION="50",
+        CARSYNC_DAGSTER_PG_URL=os.environ["CARSYNC_DAGSTER_PG_URL"],
+    )  # fmt: skip
+    with DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions(str(page_ranges.name), KEYS)
+        ensure_api_pool(instance)  # as `carsync sync` and `carsync ui` do
+        yield env, instance
+
+
+def _fetch_window(instance: DagsterInstance, run_id: str) -> tuple[float, float]:
+    def when(kind: DagsterEventType) -> float:
+        records = instance.get_records_for_run(run_id, of_type=kind).records
+        return next(
+            r.timestamp for r in records if r.event_log_entry.step_key == "pages.fetch_pages"
+        )
+
+    return when(DagsterEventType.STEP_START), when(DagsterEventType.STEP_SUCCESS)
+
+
+def test_concurrent_runs_share_one_rate_ceiling(
+    run_env: tuple[dict[str, str], DagsterInstance], simulator: RunningSimulator, tmp_path: Path
+) -> None:
+    env, instance = run_env
+    simulator.control.reset_stats()
+    # Two runs of 100 pages each, both paced at 20 requests/s.
+    runs = [
+        _start_run(KEYS[0], KEYS[1], env, tmp_path),
+        _start_run(KEYS[2], KEYS[3], env, tmp_path),
+    ]
+    assert [run.wait(timeout=120) for run in runs] == [0, 0]
+    stats = simulator.control.stats()["admitted_per_second"]
+    per_second = {int(second): count for second, count in stats.items()}
+    windows = sorted(
+        _fetch_window(instance, r.dagster_run.run_id) for r in instance.get_run_records()
+    )
+    assert instance.event_log_storage.get_concurrency_info(API_POOL).limit == 1
+    assert sum(per_second.values()) >= 200
+    assert max(per_second.values()) <= 20, f"the two runs together went over 20/s: {per_second}"
+    assert len(windows) == 2 and windows[0][1] <= windows[1][0], f"fetches overlapped: {windows}"
+
+
+def test_a_killed_run_gives_back_its_pool_slot(
+    run_env: tuple[dict[str, str], DagsterInstance], tmp_path: Path
+) -> None:
+    env, instance = run_env
+    worker = _start_run(KEYS[0], KEYS[-1], env, tmp_path)
+    deadline = time.monotonic() + 60
+    while not instance.event_log_storage.get_concurrency_info(API_POOL).active_slot_count:
+        assert worker.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    [record] = instance.get_run_records()
+    assert record.dagster_run.status == DagsterRunStatus.STARTED
+
+    # What `carsync sync` does first (the stale-run sensor does the same with the daemon).
+    assert fail_dead_runs(instance) == [record.dagster_run.run_id]
+    failed = instance.get_run_by_id(record.dagster_run.run_id)
+    assert failed is not None and failed.status == DagsterRunStatus.FAILURE
+    assert instance.event_log_storage.get_concurrency_info(API_POOL).active_slot_count == 0
