@@ -1,4 +1,4 @@
-"""The benchmark command runs at a tiny size, so it cannot rot."""
+"""The benchmark command runs at a tiny size, peers included, so it cannot rot."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 def test_benchmark_prints_figures(database_url: str, tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
+    # The first run on a machine also builds benchmarks/.peers-venv (dlt, matplotlib): ~20 s.
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--cars", "3000", "--limit-seconds", "2",
          "--database-url", database_url, "--output", str(output)],
@@ -26,6 +27,27 @@ def test_benchmark_prints_figures(database_url: str, tmp_path: Path) -> None:
     assert figures["hostile_sync"]["inserted"] == figures["full_sync"]["inserted"]
     assert 0 < figures["server_limited"]["achieved_rps"] <= 40
     assert "hostile / clean full sync" in result.stdout
-    assert figures["unchanged_resync"]["cars_rows_written"] == 0
+    assert figures["full_sync"]["rows_written"] == figures["full_sync"]["inserted"]
+    assert figures["unchanged_resync"]["rows_written"] == 0
     assert figures["incremental_1pct"]["updated"] == 30
+    assert figures["incremental_1pct"]["rows_written"] == 30
     assert figures["full_sync"]["reader_queries"] > 0
+
+    # The peers of issue 7 load the same 3000 cars, each into its own schema.
+    seed, dlt = figures["peers"]["seed"], figures["peers"]["dlt"]
+    for tool in (seed, dlt):
+        assert tool["full_sync"]["rows_written"] >= 2900
+        assert tool["full_sync"]["peak_pss_mb"] > 0
+    # Without a hash guard every row is written again although nothing changed.
+    assert seed["unchanged_resync"]["rows_written"] == seed["full_sync"]["rows_written"]
+    # The API's requests per second were caught for every run: 30 pages of 100 at least.
+    for run in (figures["full_sync"], seed["full_sync"], dlt["full_sync"]):
+        assert sum(run["pages_per_second"]) >= 30
+    table = result.stdout.splitlines()
+    assert [line.split()[:2] for line in table if line.startswith(("seed ", "dlt "))] == [
+        ["seed", "full_sync"], ["seed", "unchanged_resync"],
+        ["dlt", "full_sync"], ["dlt", "unchanged_resync"],
+    ]  # fmt: skip
+    for name in ("time", "memory", "throughput"):
+        plot = tmp_path / f"bench-{name}.png"
+        assert plot.read_bytes().startswith(b"\x89PNG"), plot

@@ -74,6 +74,17 @@ def test_merge_inserts_then_leaves_unchanged_rows_untouched(conn: psycopg.Connec
     assert _xmins(conn) == before
 
 
+def test_only_changed_listings_are_staged_whole(conn: psycopg.Connection) -> None:
+    records = [_car(n) for n in range(30)]
+    _merge(conn, records)
+    records[5] = _car(5, status="sold")
+    assert _merge(conn, records) == (0, 1, 29, 0)
+    staged = conn.execute("SELECT id FROM carsync.cars_staging").fetchall()
+    assert staged == [("KA000000005",)], "unchanged listings go through the narrow keys only"
+    seen = conn.execute("SELECT count(DISTINCT id) FROM carsync.seen_ids").fetchone()
+    assert seen == (30,), "every id received is recorded as seen, changed or not"
+
+
 def test_merge_updates_exactly_the_changed_rows(conn: psycopg.Connection) -> None:
     records = [_car(n) for n in range(20)]
     _merge(conn, records)

@@ -113,6 +113,9 @@ class RetryPolicy:
     breaker_cooldown: float = 60.0
 
 
+_HEDGE_CONNECTIONS = 4
+
+
 class ListingsClient:
     """Owns one httpx connection pool, the key header, timeouts, pacing, retries, hedging and
     the circuit breaker. Every request of a run goes through one client, so they share them."""
@@ -131,9 +134,11 @@ class ListingsClient:
             base_url=base_url,
             headers={"X-API-Key": api_key, "Accept": "application/json"},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            # One spare connection per slot: a hedged copy must not wait for the hung original.
+            # A few spare connections, so a hedged copy need not wait for a hung original; not
+            # one per slot: httpcore scans every connection for every request it assigns.
             limits=httpx.Limits(
-                max_connections=2 * concurrency, max_keepalive_connections=2 * concurrency
+                max_connections=concurrency + _HEDGE_CONNECTIONS,
+                max_keepalive_connections=concurrency + _HEDGE_CONNECTIONS,
             ),
         )
         self._slots = asyncio.Semaphore(concurrency)

@@ -41,6 +41,13 @@ def _copy_frame(cur: psycopg.Cursor, table: str, frame: pl.DataFrame) -> None:
         copy.write(frame.write_csv(include_header=False))
 
 
+_KEY_COLUMNS = ("id", "data_hash", "source_updated_at")
+
+
+def _only(frame: pl.DataFrame, ids: list[str]) -> pl.DataFrame:
+    return frame.filter(pl.col("id").is_in(pl.Series(ids, dtype=pl.String)))
+
+
 def merge_batch(
     conn: psycopg.Connection,
     schema: str,
@@ -57,13 +64,20 @@ def merge_batch(
             sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(_STATEMENT_TIMEOUT))
         )
         # TRUNCATE's exclusive lock on staging also serialises concurrent merges.
-        cur.execute("TRUNCATE cars_staging, cars_rejected_staging")
-        _copy_frame(cur, "cars_staging", cars)
+        cur.execute("TRUNCATE cars_keys_staging, cars_staging, cars_rejected_staging")
+        # Keys first: most listings of a re-sync are unchanged, and only the changed ones need
+        # their whole row staged and merged.
+        _copy_frame(cur, "cars_keys_staging", cars.select(_KEY_COLUMNS))
+        cur.execute(read_sql("changed_ids.sql").encode(), {"sync_id": sync_id})
+        changed_ids = [row[0] for row in cur.fetchall()]
+        changed = cars if len(changed_ids) == cars.height else _only(cars, changed_ids)
+        _copy_frame(cur, "cars_staging", changed)
         _copy_frame(cur, "cars_rejected_staging", rejected)
         cur.execute(read_sql("merge_cars.sql").encode(), {"sync_id": sync_id})
         row = cur.fetchone()
         assert row is not None
-        staged, inserted, updated = (int(value) for value in row)
+        inserted, updated = (int(value) for value in row)
+        staged = cars.get_column("id").n_unique()
         if not rejected.is_empty():
             cur.execute(read_sql("merge_rejected.sql").encode())
         cur.execute(read_sql("resolve_rejected.sql").encode())

@@ -15,6 +15,7 @@ _MIGRATION_LOCK = 0x6361_7273_796E_6301  # "carsync" + 1
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, "0001_initial.sql"),
     (2, "0002_history_seen_watermark.sql"),
+    (3, "0003_key_staging.sql"),
 )
 
 

@@ -1,7 +1,7 @@
--- Merge cars_staging into cars in one statement. A row is written only when its data_hash
--- changed or it comes back after being marked gone; unchanged listings are not touched at all.
--- The same statement records the ids seen by this sync and the history of price and status.
--- Returns (staged, inserted, updated).
+-- Merge cars_staging into cars in one statement. Staging holds only the listings that
+-- changed_ids.sql found new, changed or back after being marked gone; they are checked again
+-- here, so a row is written only when its data_hash changed or it comes back, never otherwise.
+-- The same statement records the history of price and status. Returns (inserted, updated).
 WITH incoming AS (
     -- Page drift can serve one listing twice; keep its newest version.
     SELECT DISTINCT ON (id) *
@@ -19,10 +19,6 @@ changed AS (
     FROM incoming AS i
     LEFT JOIN cars AS c ON c.id = i.id
     WHERE c.id IS NULL OR c.data_hash IS DISTINCT FROM i.data_hash OR NOT c.is_active
-),
-seen AS (
-    INSERT INTO seen_ids (sync_id, id)
-    SELECT %(sync_id)s, id FROM incoming
 ),
 history AS (
     INSERT INTO car_changes (id, sync_id, field, old_value, new_value)
@@ -79,7 +75,6 @@ merged AS (
     RETURNING (xmax = 0) AS inserted
 )
 SELECT
-    (SELECT count(*) FROM incoming) AS staged,
     count(*) FILTER (WHERE inserted) AS inserted,
     count(*) FILTER (WHERE NOT inserted) AS updated
 FROM merged;
