@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from carsync_dagster.transform import normalise
-from carsync_dagster.warehouse.load import merge_batch
+from carsync_dagster.warehouse.load import merge_batch, merge_batches
 from carsync_dagster.warehouse.schema import MIGRATIONS, migrate
 
 
@@ -79,10 +79,41 @@ def test_only_changed_listings_are_staged_whole(conn: psycopg.Connection) -> Non
     _merge(conn, records)
     records[5] = _car(5, status="sold")
     assert _merge(conn, records) == (0, 1, 29, 0)
-    staged = conn.execute("SELECT id FROM carsync.cars_staging").fetchall()
+    staged = conn.execute("SELECT id FROM pg_temp.cars_staging").fetchall()  # this session's
     assert staged == [("KA000000005",)], "unchanged listings go through the narrow keys only"
     seen = conn.execute("SELECT count(DISTINCT id) FROM carsync.seen_ids").fetchone()
     assert seen == (30,), "every id received is recorded as seen, changed or not"
+
+
+def test_batches_merge_side_by_side(conn: psycopg.Connection, database_url: str) -> None:
+    # Four batches on two connections at once; batches 1 and 2 both hold listing 12 (page drift).
+    batches = {
+        f"b{n}": normalise([_car(i) for i in range(10 * n, 10 * n + 10)], this_year=2026)
+        for n in range(4)
+    }
+    batches["b2"] = normalise(
+        [_car(i) for i in range(20, 30)] + [_car(12, price={"amount": 9, "currency": "KRW"})],
+        this_year=2026,
+    )
+    merged = list(
+        merge_batches(
+            lambda: psycopg.connect(database_url),
+            "carsync",
+            list(batches),
+            lambda key: (batches[key].cars, batches[key].rejected),
+            "side-by-side",
+        )
+    )
+    assert [key for key, _, _ in merged] == ["b0", "b1", "b2", "b3"], "results in key order"
+    assert sum(counts.inserted + counts.updated for _, counts, _ in merged) >= 40
+    rows = conn.execute("SELECT count(*), count(DISTINCT id) FROM carsync.cars").fetchone()
+    assert rows == (40, 40)
+    seen = conn.execute(
+        "SELECT count(DISTINCT id) FROM carsync.seen_ids WHERE sync_id = 'side-by-side'"
+    ).fetchone()
+    assert seen == (40,)
+    staging = conn.execute("SELECT count(*) FROM carsync.cars_staging").fetchone()
+    assert staging == (0,), "each connection stages into its own temporary tables"
 
 
 def test_merge_updates_exactly_the_changed_rows(conn: psycopg.Connection) -> None:

@@ -39,7 +39,7 @@ from carsync_dagster.source.client import Page
 from carsync_dagster.source.extract import PartitionPages, fetch_partitions
 from carsync_dagster.transform import normalise
 from carsync_dagster.warehouse import syncs
-from carsync_dagster.warehouse.load import merge_batch
+from carsync_dagster.warehouse.load import merge_batches
 from carsync_dagster.warehouse.normalised_store import NormalisedStore
 
 SYNC_ID_TAG = "carsync/sync_id"
@@ -262,21 +262,21 @@ def cars(
     totals = {"rows": 0, "inserted": 0, "updated": 0, "unchanged": 0, "rejected": 0}
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    with warehouse.connect() as conn, warehouse.connect(autocommit=True) as status_conn:
+    with warehouse.connect(autocommit=True) as status_conn:
         progress = _partition_progress(context, status_conn, warehouse, sync_id, "merge")
-        for key in context.partition_keys:
-            began = time.perf_counter()
-            cars_frame, rejected_frame = store.read(key)
-            counts = merge_batch(conn, warehouse.schema_name, cars_frame, rejected_frame, sync_id)
+        merged = merge_batches(
+            warehouse.connect, warehouse.schema_name, context.partition_keys, store.read, sync_id
+        )
+        for key, counts, merge_seconds in merged:
             syncs.raise_watermark(status_conn, warehouse.schema_name, sync_id, counts.newest_update)
-            row = {
+            row: dict[str, Any] = {
                 "partition": key,
                 "rows": counts.staged,
                 "inserted": counts.inserted,
                 "updated": counts.updated,
                 "unchanged": counts.unchanged,
                 "rejected": counts.rejected,
-                "seconds": round(time.perf_counter() - began, 3),
+                "seconds": round(merge_seconds, 3),
             }
             rows.append(row)
             for name in totals:

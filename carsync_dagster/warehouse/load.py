@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -42,6 +47,20 @@ def _copy_frame(cur: psycopg.Cursor, table: str, frame: pl.DataFrame) -> None:
 
 
 _KEY_COLUMNS = ("id", "data_hash", "source_updated_at")
+_STAGING = ("cars_keys_staging", "cars_staging", "cars_rejected_staging")
+_DEADLOCK_RETRIES = 3
+
+
+def _session_staging(cur: psycopg.Cursor, schema: str) -> None:
+    """This connection's own copies of the UNLOGGED staging tables (temporary tables are not
+    logged either), so that merges on several connections run side by side. PostgreSQL looks
+    up unqualified table names in the session's temporary schema first."""
+    for table in _STAGING:
+        cur.execute(
+            sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS)").format(
+                sql.Identifier(table), sql.Identifier(schema, table)
+            )
+        )
 
 
 def _only(frame: pl.DataFrame, ids: list[str]) -> pl.DataFrame:
@@ -63,7 +82,7 @@ def merge_batch(
         cur.execute(
             sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(_STATEMENT_TIMEOUT))
         )
-        # TRUNCATE's exclusive lock on staging also serialises concurrent merges.
+        _session_staging(cur, schema)
         cur.execute("TRUNCATE cars_keys_staging, cars_staging, cars_rejected_staging")
         # Keys first: most listings of a re-sync are unchanged, and only the changed ones need
         # their whole row staged and merged.
@@ -84,3 +103,40 @@ def merge_batch(
     newest = cars.get_column("source_updated_at").max()
     newest_update = newest if isinstance(newest, datetime) else None
     return MergeCounts(staged, inserted, updated, rejected.height, newest_update)
+
+
+def merge_batches(
+    connect: Callable[[], psycopg.Connection],
+    schema: str,
+    keys: Sequence[str],
+    read: Callable[[str], tuple[pl.DataFrame, pl.DataFrame]],
+    sync_id: str,
+    workers: int = 2,
+) -> Iterator[tuple[str, MergeCounts, float]]:
+    """Merge the batch of each key on `workers` connections at once (PostgreSQL does the work,
+    on as many cores), yielding (key, counts, seconds) in key order."""
+    connections: queue.Queue[psycopg.Connection] = queue.Queue()
+
+    def merge(key: str) -> tuple[str, MergeCounts, float]:
+        conn = connections.get()
+        try:
+            began = time.perf_counter()
+            cars, rejected = read(key)
+            for attempt in range(1, _DEADLOCK_RETRIES + 1):
+                try:
+                    counts = merge_batch(conn, schema, cars, rejected, sync_id)
+                    break
+                except psycopg.errors.DeadlockDetected:
+                    # Two batches holding one listing (page drift) can lock it in turn; the
+                    # loser's transaction was rolled back whole, so it merges again.
+                    if attempt == _DEADLOCK_RETRIES:
+                        raise
+            return key, counts, time.perf_counter() - began
+        finally:
+            connections.put(conn)
+
+    with contextlib.ExitStack() as stack:
+        for _ in range(max(1, min(workers, len(keys)))):
+            connections.put(stack.enter_context(connect()))
+        with ThreadPoolExecutor(workers, thread_name_prefix="merge") as pool:
+            yield from pool.map(merge, keys)
