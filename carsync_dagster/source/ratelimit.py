@@ -145,16 +145,11 @@ class AdaptiveRate:
         clearly_over = window.rejected >= 3 and self._estimator.recent_rejected(10) >= 5
         if clearly_over:
             self._cut(window, elapsed)
-        elif elapsed >= self.window_seconds and window.responses >= self._samples_needed():
+        elif elapsed >= self.window_seconds and window.responses >= self.MIN_SAMPLES:
             self._judge(window, elapsed)
         else:
             return
         self._window = _Window(now)
-
-    def _samples_needed(self) -> int:
-        # A whole window's worth at a low rate: at 40/s, waiting for 40 answers would make the
-        # slow start take seconds while nothing limits us.
-        return max(10, min(self.MIN_SAMPLES, int(self.rate * self.window_seconds)))
 
     def _judge(self, window: _Window, elapsed: float) -> None:
         fraction = window.rejected / window.responses
