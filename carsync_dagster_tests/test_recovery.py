@@ -25,10 +25,13 @@ from dagster import (
 from carsync_dagster.definitions import defs as load_definitions
 from carsync_dagster.orchestration.partitions import page_ranges
 from carsync_dagster.orchestration.recovery import (
+    RECOVERS_TAG,
+    STALE_TAG,
     contiguous_blocks,
     failed_partitions,
     recover_stale_runs,
     retry_failed_partitions,
+    stale_recovery_pending,
 )
 from carsync_dagster.runner import dagster_postgres_url
 from carsync_dagster.simulator.process import start_simulator
@@ -155,3 +158,26 @@ def test_neighbouring_failed_ranges_are_retried_in_one_run() -> None:
     order = ["p1", "p2", "p3", "p4", "p5", "p6"]
     assert contiguous_blocks(["p5", "p1", "p2", "p4"], order) == [["p1", "p2"], ["p4", "p5"]]
     assert contiguous_blocks([], order) == []
+
+
+def test_partitions_of_a_stale_run_are_left_to_its_rerun(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    use_dagster_home(tmp_path / "dagster", database_url, monkeypatch)
+    for name, value in (("API_BASE_URL", "http://127.0.0.1:9"), ("API_KEY", "k")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    full_sync = load_definitions().resolve_job_def("full_sync")
+    with DagsterInstance.get() as instance:
+        stale = instance.create_run_for_job(
+            job_def=full_sync, status=DagsterRunStatus.STARTED, tags={STALE_TAG: "true"}
+        )
+        instance.report_run_failed(stale, "carsync stale-run sensor: test")
+        # The one tick between the stale-run sensor failing a run and its re-run being created.
+        assert stale_recovery_pending(instance)
+        skipped = retry_failed_partitions(build_sensor_context(instance=instance), limit=3)
+        assert isinstance(skipped, SkipReason) and "stale-run" in str(skipped.skip_message)
+        instance.create_run_for_job(
+            job_def=full_sync, status=DagsterRunStatus.SUCCESS, tags={RECOVERS_TAG: stale.run_id}
+        )
+        assert not stale_recovery_pending(instance)

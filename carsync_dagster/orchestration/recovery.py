@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+from datetime import UTC, datetime, timedelta
 
 import psutil
 from dagster import (
@@ -47,6 +48,8 @@ from carsync_dagster.orchestration.jobs import full_sync_job, incremental_sync_j
 from carsync_dagster.orchestration.partitions import page_ranges
 from carsync_dagster.settings import Settings
 
+STALE_TAG = "carsync/failed_as_stale"
+RECOVERS_TAG = "carsync/recovers"
 _KEEP_TAGS = (
     "carsync/sync_id",
     "carsync/kind",
@@ -157,6 +160,8 @@ def recover_stale_runs(
         if reason is None:
             continue
         _stop_worker(run, worker_pid(context.instance, run))
+        # Tagged first: the failed-partition sensor leaves this run's partitions to its re-run.
+        context.instance.add_run_tags(run.run_id, {STALE_TAG: "true"})
         fail_run(context.instance, run, f"carsync stale-run sensor: {reason}")
         context.log.warning(f"run {run.run_id} marked failed: {reason}; requested again")
         tags = {key: run.tags[key] for key in _KEEP_TAGS if key in run.tags}
@@ -164,7 +169,7 @@ def recover_stale_runs(
             RunRequest(
                 run_key=f"stale:{run.run_id}",  # sensor run keys never repeat: one re-run each
                 job_name=run.job_name,
-                tags={**tags, "carsync/recovers": run.run_id},
+                tags={**tags, RECOVERS_TAG: run.run_id},
             )
         )
     if not requests:
@@ -194,12 +199,28 @@ def failed_partitions(instance: DagsterInstance) -> list[str]:
     return sorted(failed)
 
 
+def stale_recovery_pending(instance: DagsterInstance) -> bool:
+    """A run the stale-run sensor failed lately whose re-run does not exist yet: between the
+    two (one sensor tick), its partitions look failed but already have an owner."""
+    lately = datetime.now(UTC) - timedelta(minutes=10)
+    stale = RunsFilter(
+        statuses=[DagsterRunStatus.FAILURE], tags={STALE_TAG: "true"}, updated_after=lately
+    )
+    failed = instance.get_run_records(stale, limit=20)
+    return any(
+        not instance.get_run_records(RunsFilter(tags={RECOVERS_TAG: r.dagster_run.run_id}), limit=1)
+        for r in failed
+    )
+
+
 def retry_failed_partitions(
     context: SensorEvaluationContext, limit: int
 ) -> SensorResult | SkipReason:
     """One run per block of failed page ranges that has attempts left."""
     if sync_in_progress(context.instance):
         return SkipReason("a sync is running: it may redo these partitions itself")
+    if stale_recovery_pending(context.instance):
+        return SkipReason("the stale-run sensor's re-run of a failed sync is about to start")
     attempts: dict[str, int] = json.loads(context.cursor or "{}")
     failed = failed_partitions(context.instance)
     attempts = {key: count for key, count in attempts.items() if key in failed}
