@@ -76,6 +76,13 @@ def run_env(
         yield env, instance
 
 
+def _wait_for_claim(instance: DagsterInstance, run: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while not instance.event_log_storage.get_concurrency_info(API_POOL).active_slot_count:
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def _fetch_window(instance: DagsterInstance, run_id: str) -> tuple[float, float]:
     def when(kind: DagsterEventType) -> float:
         records = instance.get_records_for_run(run_id, of_type=kind).records
@@ -92,10 +99,11 @@ def test_concurrent_runs_share_one_rate_ceiling(
     env, instance = run_env
     simulator.control.reset_stats()
     # Two runs of 100 pages each, both paced at 20 requests/s.
-    runs = [
-        _start_run(KEYS[0], KEYS[1], env, tmp_path),
-        _start_run(KEYS[2], KEYS[3], env, tmp_path),
-    ]
+    first = _start_run(KEYS[0], KEYS[1], env, tmp_path)
+    # The second starts once the first holds the slot. Two claims in the same instant can both
+    # win on Postgres (seen once in CI): a Dagster race this test does not cover.
+    _wait_for_claim(instance, first)
+    runs = [first, _start_run(KEYS[2], KEYS[3], env, tmp_path)]
     assert [run.wait(timeout=120) for run in runs] == [0, 0]
     stats = simulator.control.stats()["admitted_per_second"]
     per_second = {int(second): count for second, count in stats.items()}
@@ -113,10 +121,7 @@ def test_a_killed_run_gives_back_its_pool_slot(
 ) -> None:
     env, instance = run_env
     worker = _start_run(KEYS[0], KEYS[-1], env, tmp_path)
-    deadline = time.monotonic() + 60
-    while not instance.event_log_storage.get_concurrency_info(API_POOL).active_slot_count:
-        assert worker.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
+    _wait_for_claim(instance, worker)
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
     [record] = instance.get_run_records()
