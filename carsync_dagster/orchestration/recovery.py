@@ -2,9 +2,10 @@
 retries are off in dagster.yaml):
 - the stale-run sensor fails a sync run that is STARTED but silent, or whose worker is gone, and
   requests that same sync again (run key `stale:<run>`), which skips the partitions it landed;
-- the failed-partition sensor re-runs page ranges whose last materialization failed (run key
-  `retry:<partition>:<attempt>`, at most CARSYNC_PARTITION_RETRIES times), and never while any
-  sync runs, so it cannot race a recovery that is already redoing those partitions.
+- the failed-partition sensor re-runs blocks of page ranges whose last materialization failed
+  (run key `retry:<first>..<last>:<attempt>`, at most CARSYNC_PARTITION_RETRIES times), never
+  while any sync runs nor while a stale run's re-run is pending, so it cannot race a recovery
+  that is already redoing those partitions.
 Sensor run keys are never reused, so neither can request the same re-run twice."""
 
 import contextlib
@@ -92,11 +93,19 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _on_this_host(run: DagsterRun) -> bool:
+    return run.tags.get(HOST_TAG, socket.gethostname()) == socket.gethostname()
+
+
+def _started_sync_runs(instance: DagsterInstance) -> list[DagsterRun]:
+    records = instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.STARTED]), limit=50)
+    return [r.dagster_run for r in records if r.dagster_run.job_name in SYNC_JOBS]
+
+
 def why_stale(instance: DagsterInstance, run: DagsterRun, stale_after: float) -> str | None:
     """Why a STARTED run should be failed, or None while it looks healthy."""
-    local = run.tags.get(HOST_TAG, socket.gethostname()) == socket.gethostname()
     pid = worker_pid(instance, run)
-    if local and pid is not None and not _alive(pid):
+    if _on_this_host(run) and pid is not None and not _alive(pid):
         return f"its worker process {pid} is gone"
     last = _last_event_time(instance, run.run_id)
     silent = time.time() - last if last is not None else 0.0
@@ -115,10 +124,9 @@ def fail_dead_runs(instance: DagsterInstance) -> list[str]:
     """Fails the STARTED sync runs whose worker on this host is gone (without re-running them:
     the caller is about to sync), so they hold no pool slot. Returns their run ids."""
     failed = []
-    for record in instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.STARTED])):
-        run = record.dagster_run
+    for run in _started_sync_runs(instance):
         reason = why_stale(instance, run, stale_after=float("inf"))
-        if run.job_name in SYNC_JOBS and reason is not None:
+        if reason is not None:
             fail_run(instance, run, f"carsync: {reason}")
             failed.append(run.run_id)
     return failed
@@ -127,8 +135,7 @@ def fail_dead_runs(instance: DagsterInstance) -> list[str]:
 def _stop_worker(run: DagsterRun, pid: int | None) -> None:
     """A silent worker (and the step processes it started) may wake up later and write again:
     end them all, so only the re-run writes."""
-    local = run.tags.get(HOST_TAG, socket.gethostname()) == socket.gethostname()
-    if not local or pid is None or pid == os.getpid():
+    if not _on_this_host(run) or pid is None or pid == os.getpid():
         return
     try:
         worker = psutil.Process(pid)
@@ -144,18 +151,8 @@ def recover_stale_runs(
     context: SensorEvaluationContext, stale_after: float
 ) -> SensorResult | SkipReason:
     """Fails stale sync runs and requests each of them again."""
-    records = context.instance.get_run_records(
-        RunsFilter(
-            job_name=None,
-            statuses=[DagsterRunStatus.STARTED],
-        ),
-        limit=50,
-    )
     requests = []
-    for record in records:
-        run = record.dagster_run
-        if run.job_name not in SYNC_JOBS:
-            continue
+    for run in _started_sync_runs(context.instance):
         reason = why_stale(context.instance, run, stale_after)
         if reason is None:
             continue
