@@ -255,6 +255,9 @@ def run_sync(
         if allow_mass_deactivation:
             tags[ALLOW_MASS_DEACTIVATION_TAG] = "true"
         instance = DagsterInstance.get()
+        # Dagster's Postgres storage opens a connection for every write unless told otherwise;
+        # a sync writes a few hundred events, so keep one open per storage, as its webserver does.
+        instance.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=4)
         ensure_api_pool(instance)
         fail_dead_runs(instance)  # a killed sync's run would hold the API pool slot for ever
         if not incremental:

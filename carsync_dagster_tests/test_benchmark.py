@@ -32,6 +32,11 @@ def test_benchmark_prints_figures(database_url: str, tmp_path: Path) -> None:
     assert figures["incremental_1pct"]["updated"] == 30
     assert figures["incremental_1pct"]["rows_written"] == 30
     assert figures["full_sync"]["reader_queries"] > 0
+    # The floor read the same 30 pages, about 60 KB each, and wrote nothing.
+    assert figures["bare_fetch"]["pages"] >= 30
+    assert figures["bare_fetch"]["bytes"] > 30 * 30_000
+    assert "floor: a bare httpx client" in result.stdout
+    assert figures["new_instance_seconds"] > 0
 
     # The peers of issue 7 load the same 3000 cars, each into its own schema.
     seed, dlt = figures["peers"]["seed"], figures["peers"]["dlt"]

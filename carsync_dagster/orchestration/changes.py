@@ -179,16 +179,23 @@ def vanished_listings(
                 ),
             )
             return
-        client = api.client()
+        gone, present, requests = [], [], 0
+        if missing:
+            client = api.client()
 
-        async def confirm() -> list[Any | None]:
-            async with client:
-                return await asyncio.gather(*(client.get_car(car_id) for car_id in missing))
+            async def confirm() -> list[Any | None]:
+                async with client:
+                    return await asyncio.gather(*(client.get_car(car_id) for car_id in missing))
 
-        answers = asyncio.run(confirm())
-        gone = [car_id for car_id, car in zip(missing, answers, strict=True) if car is None]
-        present = [car for car in answers if car is not None]
-        refreshed = _merge_records(conn, schema, sync_id, present, sync_year(warehouse, sync_id))
+            answers = asyncio.run(confirm())
+            gone = [car_id for car_id, car in zip(missing, answers, strict=True) if car is None]
+            present = [car for car in answers if car is not None]
+            requests = client.stats.requests
+        refreshed = (
+            _merge_records(conn, schema, sync_id, present, sync_year(warehouse, sync_id)).changed
+            if present
+            else 0
+        )
         deactivated = vanished.deactivate(conn, schema, gone, sync_id)
         vanished.forget_other_syncs(conn, schema, sync_id)
         if PID_TAG not in context.run.tags:
@@ -199,8 +206,8 @@ def vanished_listings(
             "candidates": len(missing),
             "deactivated": deactivated,
             "still_listed": len(present),
-            "refreshed": refreshed.inserted + refreshed.updated,
-            "confirm_requests": client.stats.requests,
+            "refreshed": refreshed,
+            "confirm_requests": requests,
         }
     )
     yield AssetCheckResult(

@@ -29,16 +29,16 @@ async def fetch_partitions(
 
     Only a few partitions are in flight at once (enough to keep `concurrency` requests busy
     while some wait on retries), so a slow page holds back its own partition, never the whole
-    feed in memory; pages are kept as raw bodies only.
+    feed in memory; pages are checked and kept as raw bodies only.
     The first error that is not retried cancels the rest."""
     pages_each = max(1, max((p.last_page - p.first_page + 1 for p in partitions), default=1))
     in_flight = asyncio.Semaphore(max(8, -(-8 * concurrency // pages_each)))
 
     async def fetch_page(number: int) -> Page:
-        page = await client.get_page(number, per_page)
+        page = await client.get_page(number, per_page, with_records=False)
         if on_page is not None:
             on_page(page)
-        return page.without_records()
+        return page
 
     async def fetch_partition(partition: PartitionPages) -> None:
         async with in_flight:

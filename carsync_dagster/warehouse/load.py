@@ -34,6 +34,10 @@ class MergeCounts:
     def unchanged(self) -> int:
         return self.staged - self.inserted - self.updated
 
+    @property
+    def changed(self) -> int:
+        return self.inserted + self.updated
+
 
 def _copy_frame(cur: psycopg.Cursor, table: str, frame: pl.DataFrame) -> None:
     if frame.is_empty():

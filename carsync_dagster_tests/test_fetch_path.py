@@ -1,0 +1,167 @@
+"""The fetch path's fast parts: pages checked without building records, the lean transport, the
+rate finder's start, and normalising in worker processes. Real simulator, real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import polars as pl
+import pytest
+
+from carsync_dagster.orchestration.parallel import normalise_partition, partition_pool
+from carsync_dagster.simulator.process import RunningSimulator, start_simulator
+from carsync_dagster.source.client import ListingsClient, check_page, parse_page
+from carsync_dagster.source.errors import RetryableApiError
+from carsync_dagster.source.extract import PartitionPages, fetch_partitions
+from carsync_dagster.source.landing import Landing
+from carsync_dagster.source.ratelimit import AdaptiveRate, Pacer
+from carsync_dagster.source.transport import _readable
+from carsync_dagster.warehouse.normalised_store import NormalisedStore
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[RunningSimulator]:
+    with start_simulator(cars=3_300, seed=5, args=["--broken-rate", "0.05"]) as simulator:
+        yield simulator
+
+
+def _body(sim: RunningSimulator, page: int, per_page: int = 100) -> bytes:
+    headers = {"X-API-Key": sim.api_key}
+    params = {"page": page, "per_page": per_page}
+    return httpx.get(f"{sim.base_url}/cars", params=params, headers=headers).content
+
+
+def test_a_checked_page_agrees_with_a_parsed_one(sim: RunningSimulator) -> None:
+    for number in (1, 7, 34):  # 34 is past the last page: empty data
+        body = _body(sim, number)
+        checked, parsed = check_page(number, body, 0.1), parse_page(number, body, 0.1)
+        assert checked.records == []
+        assert (checked.record_count, checked.last_page, checked.total) == (
+            len(parsed.records),
+            parsed.last_page,
+            parsed.total,
+        )
+        assert checked.body == body
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        (b'{"data": [{"id": "a"}], "meta": {"last_page": 3, "tot', "truncated"),
+        (b"<html>maintenance</html>", "truncated"),
+        (b'{"data": {}, "meta": {"last_page": 1, "total": 0}}', "bad_body"),
+        (b'{"data": [], "meta": {"last_page": "x", "total": 0}}', "bad_body"),
+        (b"[1, 2]", "bad_body"),
+    ],
+)
+def test_a_bad_body_gets_the_same_verdict_both_ways(body: bytes, kind: str) -> None:
+    for check in (check_page, parse_page):
+        with pytest.raises(RetryableApiError) as caught:
+            check(1, body, 0.1)
+        assert caught.value.kind == kind
+
+
+def test_what_the_fast_check_refuses_goes_the_long_way() -> None:
+    # NaN and a 70-bit integer are not JSON to msgspec; the stdlib parser takes both.
+    body = b'{"data": [{"id": "a", "year": NaN}, {"id": 1180591620717411303424}],'
+    body += b' "meta": {"last_page": "2", "total": 2}}'
+    page = check_page(1, body, 0.1)
+    assert (page.record_count, page.last_page, page.total) == (2, 2, 2)
+
+
+def test_readable_means_closed_by_the_peer() -> None:
+    ours, theirs = socket.socketpair()
+    try:
+        assert not _readable(ours)
+        theirs.close()
+        assert _readable(ours)
+    finally:
+        ours.close()
+    assert _readable(ours)  # closed here too
+    assert _readable(None)
+
+
+def test_the_client_fetches_every_page_over_its_lean_transport(sim: RunningSimulator) -> None:
+    landed: dict[str, int] = {}
+
+    async def fetch() -> ListingsClient:
+        client = ListingsClient(sim.base_url, sim.api_key, concurrency=4)
+        async with client:
+            parts = [PartitionPages("a", 1, 17), PartitionPages("b", 18, 34)]
+            await fetch_partitions(
+                client,
+                parts,
+                100,
+                lambda part, pages, _: landed.update(
+                    {part.key: sum(p.record_count for p in pages)}
+                ),
+            )
+            # Server-closed idle connections are found and replaced, not reused.
+            await sim_restart_like_close(client)
+            page = await client.get_page(2, 100)
+            assert len(page.records) == 100
+        return client
+
+    async def sim_restart_like_close(client: ListingsClient) -> None:
+        pool = client._client._transport._pool  # type: ignore[attr-defined]
+        for connection in pool.connections:
+            stream = connection._connection._network_stream
+            stream._socket.shutdown(socket.SHUT_RD)  # looks readable: at end of stream
+
+    client = asyncio.run(fetch())
+    assert landed == {"a": 1_700, "b": 1_600}
+    assert client.stats.retries == 0
+
+
+def test_the_rate_finder_starts_from_an_earlier_rate_but_never_below_its_guess() -> None:
+    assert AdaptiveRate(Pacer(None), start_rate=None).rate == AdaptiveRate.START_RATE
+    assert AdaptiveRate(Pacer(None), start_rate=5.0).rate == AdaptiveRate.START_RATE
+    assert AdaptiveRate(Pacer(None), start_rate=640.0).rate == 640.0
+
+
+def test_workers_normalise_exactly_as_one_process_does(
+    sim: RunningSimulator, tmp_path: Path
+) -> None:
+    landing = Landing(tmp_path / "landing")
+    keys = [f"p{n:02d}" for n in range(1, 17)]
+    for number, key in enumerate(keys, start=1):
+        body = _body(sim, number, per_page=200)
+        landing.write(key, "sync", [check_page(number, body, 0.1)], 0.1)
+
+    def run(store: Path, cores: int) -> list[dict[str, object]]:
+        args = (landing.root, store)
+        with partition_pool(len(keys), cores) as pool:
+            assert (pool is None) == (cores == 1)
+            if pool is None:
+                return [normalise_partition(*args, key, this_year=2026) for key in keys]
+            futures = [pool.submit(normalise_partition, *args, key, this_year=2026) for key in keys]
+            return [future.result() for future in futures]
+
+    in_workers, in_one = run(tmp_path / "workers", 2), run(tmp_path / "one", 1)
+    assert [_without_seconds(row) for row in in_workers] == [
+        _without_seconds(row) for row in in_one
+    ]
+    assert sum(int(str(row["rejected"])) for row in in_one) > 0
+    for key in keys:
+        for left, right in zip(
+            NormalisedStore(tmp_path / "workers").read(key),
+            NormalisedStore(tmp_path / "one").read(key),
+            strict=True,
+        ):
+            assert left.equals(right)
+            assert isinstance(left, pl.DataFrame)
+
+
+def _without_seconds(row: dict[str, object]) -> dict[str, object]:
+    return {name: value for name, value in row.items() if name != "seconds"}
+
+
+def test_a_range_gets_workers_only_when_they_pay_off() -> None:
+    assert partition_pool(40, cores=1).__enter__() is None
+    assert partition_pool(15, cores=2).__enter__() is None
+    with partition_pool(40, cores=4) as pool:
+        assert pool is not None
