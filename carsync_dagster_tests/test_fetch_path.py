@@ -1,26 +1,20 @@
-"""The fetch path's fast parts: pages checked without building records, the lean transport, the
-rate finder's start, and normalising in worker processes. Real simulator, real processes."""
+"""The fetch path's fast parts: pages checked without building records, and the lean transport.
+Real simulator, real sockets."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import polars as pl
 import pytest
 
-from carsync_dagster.orchestration.parallel import normalise_partition, partition_pool
 from carsync_dagster.simulator.process import RunningSimulator, start_simulator
 from carsync_dagster.source.client import ListingsClient, check_page, parse_page
 from carsync_dagster.source.errors import RetryableApiError
 from carsync_dagster.source.extract import PartitionPages, fetch_partitions
-from carsync_dagster.source.landing import Landing
-from carsync_dagster.source.ratelimit import AdaptiveRate, Pacer
 from carsync_dagster.source.transport import _readable
-from carsync_dagster.warehouse.normalised_store import NormalisedStore
 
 
 @pytest.fixture(scope="module")
@@ -115,53 +109,3 @@ def test_the_client_fetches_every_page_over_its_lean_transport(sim: RunningSimul
     client = asyncio.run(fetch())
     assert landed == {"a": 1_700, "b": 1_600}
     assert client.stats.retries == 0
-
-
-def test_the_rate_finder_starts_from_an_earlier_rate_but_never_below_its_guess() -> None:
-    assert AdaptiveRate(Pacer(None), start_rate=None).rate == AdaptiveRate.START_RATE
-    assert AdaptiveRate(Pacer(None), start_rate=5.0).rate == AdaptiveRate.START_RATE
-    assert AdaptiveRate(Pacer(None), start_rate=640.0).rate == 640.0
-
-
-def test_workers_normalise_exactly_as_one_process_does(
-    sim: RunningSimulator, tmp_path: Path
-) -> None:
-    landing = Landing(tmp_path / "landing")
-    keys = [f"p{n:02d}" for n in range(1, 17)]
-    for number, key in enumerate(keys, start=1):
-        body = _body(sim, number, per_page=200)
-        landing.write(key, "sync", [check_page(number, body, 0.1)], 0.1)
-
-    def run(store: Path, cores: int) -> list[dict[str, object]]:
-        args = (landing.root, store)
-        with partition_pool(len(keys), cores) as pool:
-            assert (pool is None) == (cores == 1)
-            if pool is None:
-                return [normalise_partition(*args, key, this_year=2026) for key in keys]
-            futures = [pool.submit(normalise_partition, *args, key, this_year=2026) for key in keys]
-            return [future.result() for future in futures]
-
-    in_workers, in_one = run(tmp_path / "workers", 2), run(tmp_path / "one", 1)
-    assert [_without_seconds(row) for row in in_workers] == [
-        _without_seconds(row) for row in in_one
-    ]
-    assert sum(int(str(row["rejected"])) for row in in_one) > 0
-    for key in keys:
-        for left, right in zip(
-            NormalisedStore(tmp_path / "workers").read(key),
-            NormalisedStore(tmp_path / "one").read(key),
-            strict=True,
-        ):
-            assert left.equals(right)
-            assert isinstance(left, pl.DataFrame)
-
-
-def _without_seconds(row: dict[str, object]) -> dict[str, object]:
-    return {name: value for name, value in row.items() if name != "seconds"}
-
-
-def test_a_range_gets_workers_only_when_they_pay_off() -> None:
-    assert partition_pool(40, cores=1).__enter__() is None
-    assert partition_pool(15, cores=2).__enter__() is None
-    with partition_pool(40, cores=4) as pool:
-        assert pool is not None

@@ -9,7 +9,6 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 import psycopg
@@ -33,12 +32,12 @@ from dagster import (
     op,
 )
 
-from carsync_dagster.orchestration.parallel import normalise_partition, partition_pool
 from carsync_dagster.orchestration.partitions import page_range, page_ranges
 from carsync_dagster.orchestration.progress import Progress, throughput_chart
 from carsync_dagster.orchestration.resources import ListingsApiResource, WarehouseResource
 from carsync_dagster.source.client import Page
 from carsync_dagster.source.extract import PartitionPages, fetch_partitions
+from carsync_dagster.transform import normalise
 from carsync_dagster.warehouse import syncs
 from carsync_dagster.warehouse.load import merge_batches
 from carsync_dagster.warehouse.normalised_store import NormalisedStore
@@ -119,7 +118,7 @@ def fetch_pages(
             context.run.tags.get(SYNC_KIND_TAG, "manual"),
             context.run.run_id,
         )
-        client = api.client(start_rate=_last_paced_rate(context.instance))
+        client = api.client()
 
         async def fetch() -> tuple[int, list[dict[str, Any]], dict[int, int], int]:
             async with client:
@@ -217,20 +216,25 @@ def pages() -> Any:
 def normalised(
     context: AssetExecutionContext, api: ListingsApiResource, warehouse: WarehouseResource
 ) -> MaterializeResult[None]:
+    landing, store = api.landing(), NormalisedStore(api.normalised_dir())
     sync_id = sync_id_of(context)
-    normalise_one = partial(
-        normalise_partition,
-        api.landing().root,
-        api.normalised_dir(),
-        this_year=sync_year(warehouse, sync_id),
-    )
-    keys = context.partition_keys
+    this_year = sync_year(warehouse, sync_id)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    with warehouse.connect(autocommit=True) as conn, partition_pool(len(keys)) as pool:
+    with warehouse.connect(autocommit=True) as conn:
         progress = _partition_progress(context, conn, warehouse, sync_id, "normalise")
-        for row in pool.map(normalise_one, keys) if pool else map(normalise_one, keys):
-            rows.append(row)
+        for key in context.partition_keys:
+            began = time.perf_counter()
+            batch = normalise(landing.records(key), this_year=this_year)
+            store.write(key, batch.cars, batch.rejected)
+            rows.append(
+                {
+                    "partition": key,
+                    "rows": batch.cars.height,
+                    "rejected": batch.rejected.height,
+                    "seconds": round(time.perf_counter() - began, 3),
+                }
+            )
             progress.step_done()
         progress.flush()
     seconds = time.perf_counter() - started
@@ -310,15 +314,6 @@ def _partition_progress(
     total = len(context.partition_keys)
     schema = warehouse.schema_name
     return Progress(conn, schema, sync_id, stage, total, heartbeat=context.log.info)
-
-
-def _last_paced_rate(instance: DagsterInstance) -> float | None:
-    """The request rate the last fetch ended at (its `paced_rps`), if any run recorded one."""
-    event = instance.get_latest_materialization_event(AssetKey("pages"))
-    materialization = event.asset_materialization if event else None
-    entry = materialization.metadata.get("paced_rps") if materialization else None
-    value = entry.value if entry is not None else None
-    return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
 def sync_year(warehouse: WarehouseResource, sync_id: str) -> int:

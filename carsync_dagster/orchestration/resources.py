@@ -26,8 +26,7 @@ class ListingsApiResource(ConfigurableResource["ListingsApiResource"]):
     def settings(self) -> Settings:
         return _settings(API_BASE_URL=self.base_url, API_KEY=self.api_key)
 
-    def client(self, start_rate: float | None = None) -> ListingsClient:
-        """`start_rate`: where the rate finder starts (CARSYNC_RPS=0), e.g. an earlier run's."""
+    def client(self) -> ListingsClient:
         settings = self.settings()
         return ListingsClient(
             self.base_url,
@@ -35,7 +34,6 @@ class ListingsApiResource(ConfigurableResource["ListingsApiResource"]):
             concurrency=settings.concurrency,
             timeout=settings.request_timeout,
             rps=settings.rps,
-            start_rate=start_rate,
             policy=settings.retry_policy(),
         )
 

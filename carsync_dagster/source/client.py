@@ -154,7 +154,6 @@ class ListingsClient:
         concurrency: int = 16,
         timeout: float = 30.0,
         rps: float = 0.0,
-        start_rate: float | None = None,
         policy: RetryPolicy | None = None,
     ) -> None:
         self._client = httpx.AsyncClient(
@@ -167,7 +166,7 @@ class ListingsClient:
         self._slots = asyncio.Semaphore(concurrency)
         self._deadline = timeout
         self.policy = policy or RetryPolicy()
-        self.rate = RateControl(rps, start_rate)
+        self.rate = RateControl(rps)
         self.breaker = CircuitBreaker(self.policy.breaker_failures, self.policy.breaker_cooldown)
         self.stats = RequestStats()
 

@@ -119,11 +119,9 @@ class AdaptiveRate:
     PROBE = 1.02  # growth per quiet window near the estimate
     HOLD = 20.0  # seconds after a cut before probing above the estimate again
 
-    def __init__(self, pacer: Pacer, window: float = 0.25, start_rate: float | None = None) -> None:
+    def __init__(self, pacer: Pacer, window: float = 0.25) -> None:
         self.pacer = pacer
-        # A higher rate an earlier run reached saves the climb to it; it is only a start: 429s
-        # cut it and quiet windows raise it. Never lower than the guess, which climbs fast.
-        self.pacer.rate = max(self.START_RATE, start_rate or 0.0)
+        self.pacer.rate = self.START_RATE
         self.window_seconds = window
         self.limit_estimate: float | None = None
         self.overload_ignored = 0  # 429s taken as overload, for metadata
@@ -193,9 +191,9 @@ class AdaptiveRate:
 class RateControl:
     """One per run: the ceiling, or the adaptive controller, shared by every request."""
 
-    def __init__(self, ceiling: float, start_rate: float | None = None) -> None:
+    def __init__(self, ceiling: float) -> None:
         self.pacer = Pacer(ceiling if ceiling > 0 else None, hard=True)
-        self.adaptive = AdaptiveRate(self.pacer, start_rate=start_rate) if ceiling <= 0 else None
+        self.adaptive = AdaptiveRate(self.pacer) if ceiling <= 0 else None
 
     async def wait(self) -> None:
         await self.pacer.wait()
