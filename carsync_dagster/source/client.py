@@ -280,7 +280,10 @@ class ListingsClient:
                         raise error
                     failure = failure or error
                 stalled = last_sent and time.monotonic() - last_sent[-1] >= hedge_after
-                if pending and stalled and copies < self.policy.max_copies:
+                # Copies in flight are capped, not copies sent: when the copies of a hung request
+                # fail (a 5xx, a 429), a fresh one still races it instead of the whole timeout.
+                in_flight_room = len(pending) < self.policy.max_copies
+                if pending and stalled and in_flight_room and copies < self.policy.max_attempts:
                     copies += 1
                     self.stats.hedged += 1
                     pending.add(

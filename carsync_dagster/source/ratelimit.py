@@ -104,6 +104,12 @@ class AdaptiveRate:
     above the estimate cut the rate to just under it, while a few 429s well under it are taken
     as overload and ignored. Quiet windows raise the rate: fast while nothing is known or far
     under the estimate, in small probes near it (after a hold), so a raised limit is found.
+
+    Paced under a real token-bucket limit, a client gets next to no 429s; a server that answers
+    a steady share of 429s whatever the rate ("overload") keeps answering them there. So the
+    share seen under the estimate, once settled after a cut, is learnt as noise: every threshold
+    sits above it, and a cut whose evidence did not stand clear of it is undone (the estimate is
+    forgotten and the climb resumes), instead of pinning the client at a limit that is not there.
     """
 
     START_RATE = 40.0  # requests/s before anything is known
@@ -118,6 +124,8 @@ class AdaptiveRate:
     CATCH_UP = 1.1  # growth per quiet window while well under the estimate
     PROBE = 1.02  # growth per quiet window near the estimate
     HOLD = 20.0  # seconds after a cut before probing above the estimate again
+    SETTLE = 2.0  # seconds after a cut before 429s under the estimate count as overload
+    LEARN = 0.2  # weight of each settled window in the overload share (a moving average)
 
     def __init__(self, pacer: Pacer, window: float = 0.25) -> None:
         self.pacer = pacer
@@ -128,6 +136,9 @@ class AdaptiveRate:
         self._window = _Window(time.monotonic())
         self._estimator = _LimitEstimator()
         self._hold_until = 0.0
+        self._settled_at = 0.0
+        self._cut_fraction = 0.0  # the 429 share of the window that made the last cut
+        self.overload_share = 0.0  # 429s the server answers whatever the rate
 
     @property
     def rate(self) -> float:
@@ -142,7 +153,7 @@ class AdaptiveRate:
         self._estimator.record(now, rejected)
         elapsed = now - window.started
         # Far over a limit most answers are 429: react before a whole window of them.
-        clearly_over = window.rejected >= 3 and self._estimator.recent_rejected(10) >= 5
+        clearly_over = window.rejected >= 3 and self._estimator.recent_rejected(10) >= 7
         if clearly_over:
             self._cut(window, elapsed)
         elif elapsed >= self.window_seconds and window.responses >= self.MIN_SAMPLES:
@@ -153,11 +164,13 @@ class AdaptiveRate:
 
     def _judge(self, window: _Window, elapsed: float) -> None:
         fraction = window.rejected / window.responses
-        if window.rejected >= self.MIN_REJECTED and fraction > self.MARGIN:
-            at_known_limit = (
-                self.limit_estimate is not None and self.rate >= 0.99 * self.limit_estimate
-            )
-            if at_known_limit or fraction >= self.LIMIT_EVIDENCE:
+        estimate = self.limit_estimate
+        at_known_limit = estimate is not None and self.rate >= 0.99 * estimate
+        if estimate is not None and not at_known_limit and time.monotonic() >= self._settled_at:
+            self._learn_overload(fraction)
+        noise = self.overload_share
+        if window.rejected >= self.MIN_REJECTED and fraction > noise + self.MARGIN:
+            if at_known_limit or fraction >= noise + self.LIMIT_EVIDENCE:
                 self._cut(window, elapsed)
                 return
             self.overload_ignored += window.rejected  # under any known limit: overload
@@ -165,7 +178,19 @@ class AdaptiveRate:
             # Only raise a rate we actually use; otherwise something else is the bottleneck.
             self._grow()
 
+    def _learn_overload(self, fraction: float) -> None:
+        self.overload_share += self.LEARN * (fraction - self.overload_share)
+        if (
+            self.overload_share > self.MARGIN
+            and self._cut_fraction < self.overload_share + self.LIMIT_EVIDENCE
+        ):
+            # The 429s that made the cut go on under the estimate: noise, not a limit.
+            self.limit_estimate = None
+            self._hold_until = 0.0
+
     def _cut(self, window: _Window, elapsed: float) -> None:
+        self._cut_fraction = window.rejected / max(1, window.responses)
+        self._settled_at = time.monotonic() + self.SETTLE
         estimate = self._estimator.estimate()
         if estimate is None:  # too few 429s to see the limit yet: what got through lately
             estimate = (window.responses - window.rejected) / max(elapsed, 1e-3)
