@@ -159,5 +159,6 @@ def test_a_hung_request_is_raced_until_a_copy_succeeds() -> None:
         seconds = asyncio.run(fetch())
     finally:
         server.shutdown()
+        server.server_close()
     assert seconds < 4, f"took {seconds:.1f}s: the hung original was waited for"
     assert client.stats.hedged == 3 and _HangThenFail.served == 4

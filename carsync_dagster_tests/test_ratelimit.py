@@ -84,5 +84,6 @@ def test_a_limit_with_overload_on_top_is_still_kept(
     monkeypatch: pytest.MonkeyPatch, seed: int
 ) -> None:
     outcome = _run(monkeypatch, seconds=60, limit=30, overload=0.05, seed=seed)
-    assert 0.85 * 30 <= outcome.admitted_per_second <= 30.5, outcome
+    # The server admits at most 95% of its limit: 5% of what the bucket lets through is refused.
+    assert 0.85 * 0.95 * 30 <= outcome.admitted_per_second <= 30.5, outcome
     assert outcome.share_429 <= 0.10, outcome

@@ -153,7 +153,7 @@ class AdaptiveRate:
         self._estimator.record(now, rejected)
         elapsed = now - window.started
         # Far over a limit most answers are 429: react before a whole window of them.
-        clearly_over = window.rejected >= 3 and self._estimator.recent_rejected(10) >= 7
+        clearly_over = window.rejected >= 3 and self._estimator.recent_rejected(10) >= 5
         if clearly_over:
             self._cut(window, elapsed)
         elif elapsed >= self.window_seconds and window.responses >= self.MIN_SAMPLES:
