@@ -97,21 +97,23 @@ def test_the_client_fetches_every_page_over_its_lean_transport(sim: RunningSimul
                     {part.key: sum(p.record_count for p in pages)}
                 ),
             )
-            # Server-closed idle connections are found and replaced, not reused.
-            await sim_restart_like_close(client)
+            # Idle connections that look closed are found and replaced, not reused.
+            _end_idle_streams(client)
             page = await client.get_page(2, 100)
             assert len(page.records) == 100
         return client
 
-    async def sim_restart_like_close(client: ListingsClient) -> None:
-        pool = client._client._transport._pool  # type: ignore[attr-defined]
-        for connection in pool.connections:
-            stream = connection._connection._network_stream
-            stream._socket.shutdown(socket.SHUT_RD)  # looks readable: at end of stream
-
     client = asyncio.run(fetch())
     assert landed == {"a": 1_700, "b": 1_600}
     assert client.stats.retries == 0
+
+
+def _end_idle_streams(client: ListingsClient) -> None:
+    """Shut the reading side of every pooled socket: each then polls readable, at end of stream,
+    as after a server-side close."""
+    pool = client._client._transport._pool  # type: ignore[attr-defined]
+    for connection in pool.connections:
+        connection._connection._network_stream._socket.shutdown(socket.SHUT_RD)
 
 
 class _HangThenFail(BaseHTTPRequestHandler):

@@ -83,13 +83,14 @@ class _LeanBackend(httpcore.AsyncNetworkBackend):
 def lean_transport(connections: int) -> httpx.AsyncHTTPTransport:
     """httpx's own transport (request and error mapping) over a pool of `connections` kept
     alive that uses the lean backend, with httpx's default TLS verification."""
-    transport = httpx.AsyncHTTPTransport()
+    tls = httpx.create_ssl_context()  # loading the CA bundle once, for both pools below
+    transport = httpx.AsyncHTTPTransport(verify=tls)
     # httpx has no parameter for a network backend: its pool is replaced by one with ours.
     transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=httpx.create_ssl_context(),
+        ssl_context=tls,
         max_connections=connections,
         max_keepalive_connections=connections,
-        keepalive_expiry=httpx.Limits(max_connections=None).keepalive_expiry,
+        keepalive_expiry=httpx.Limits().keepalive_expiry,
         network_backend=_LeanBackend(),
     )
     return transport
