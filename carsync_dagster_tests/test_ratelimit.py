@@ -87,3 +87,22 @@ def test_a_limit_with_overload_on_top_is_still_kept(
     # The server admits at most 95% of its limit: 5% of what the bucket lets through is refused.
     assert 0.85 * 0.95 * 30 <= outcome.admitted_per_second <= 30.5, outcome
     assert outcome.share_429 <= 0.10, outcome
+
+
+@pytest.mark.parametrize("limit", [5, 10, 20, 50, 100, 200])
+def test_limits_far_under_the_start_rate_are_found(
+    monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    # Far over a limit nearly every answer is a 429, and answers to requests sent before a cut
+    # keep coming after it: the rate must not be cut again and again on them.
+    outcome = _run(monkeypatch, seconds=60, limit=limit, burst=max(10, limit / 3))
+    assert 0.9 * limit <= outcome.admitted_per_second <= 1.02 * limit, outcome
+    assert outcome.share_429 <= 0.05, outcome
+
+
+def test_a_fast_server_is_reached_within_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No limit: a full sync of a fast API lasts a few seconds, so the slow start must reach
+    # what the client can send in well under one (whole windows took 1.25 s to 640/s).
+    outcome = _run(monkeypatch, seconds=0.8, capacity=10_000, settled=0.0)
+    assert outcome.final_rate >= 600, outcome
+    assert outcome.share_429 == 0, outcome

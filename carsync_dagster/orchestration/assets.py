@@ -6,8 +6,10 @@ go into a table in that metadata and, for `cars`, into one observation per parti
 """
 
 import asyncio
+import contextlib
+import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -225,7 +227,8 @@ def normalised(
         progress = _partition_progress(context, conn, warehouse, sync_id, "normalise")
         for key in context.partition_keys:
             began = time.perf_counter()
-            batch = normalise(landing.records(key), this_year=this_year)
+            with _collector_paused():
+                batch = normalise(landing.records(key), this_year=this_year)
             store.write(key, batch.cars, batch.rejected)
             rows.append(
                 {
@@ -301,6 +304,19 @@ def cars(
             "per_partition": _table(rows),
         }
     )
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Parsed JSON holds no reference cycles, yet Python's cycle collector would scan the
+    objects of a partition's records again and again while they are built (0.8 s a sync)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _partition_progress(

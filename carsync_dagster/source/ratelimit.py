@@ -112,15 +112,16 @@ class AdaptiveRate:
     forgotten and the climb resumes), instead of pinning the client at a limit that is not there.
     """
 
-    START_RATE = 40.0  # requests/s before anything is known
+    START_RATE = 80.0  # requests/s before anything is known
     MAX_RATE = 100_000.0
     MIN_RATE = 0.5
     MIN_SAMPLES = 40  # responses a window needs before it can judge
+    QUICK_SAMPLES = 16  # responses of a quiet half window that let the slow start double
     MIN_REJECTED = 3  # fewer 429s than this in a window are no evidence
     MARGIN = 0.02  # 429 fraction that counts, once over the estimate
     LIMIT_EVIDENCE = 0.15  # a full window with this fraction shows a limit, known or not
     BACKOFF = 0.97  # pace this far under the estimated limit
-    SLOW_START = 1.5  # growth per quiet window while no limit is known
+    SLOW_START = 2.0  # growth per quiet window while no limit is known
     CATCH_UP = 1.1  # growth per quiet window while well under the estimate
     PROBE = 1.02  # growth per quiet window near the estimate
     HOLD = 20.0  # seconds after a cut before probing above the estimate again
@@ -158,9 +159,22 @@ class AdaptiveRate:
             self._cut(window, elapsed)
         elif elapsed >= self.window_seconds and window.responses >= self.MIN_SAMPLES:
             self._judge(window, elapsed)
+        elif self._quiet_start(window, elapsed):
+            self._grow()
         else:
             return
         self._window = _Window(now)
+
+    def _quiet_start(self, window: _Window, elapsed: float) -> bool:
+        """While no limit is known, a short window without a single 429 is enough to double:
+        a sync of a fast API lasts seconds, and whole windows would spend one of them climbing.
+        Cuts are still judged on whole windows only (or when clearly over a limit)."""
+        return (
+            self.limit_estimate is None
+            and window.rejected == 0
+            and window.responses >= self.QUICK_SAMPLES
+            and elapsed >= self.window_seconds / 2
+        )
 
     def _judge(self, window: _Window, elapsed: float) -> None:
         fraction = window.rejected / window.responses
@@ -192,8 +206,11 @@ class AdaptiveRate:
         self._cut_fraction = window.rejected / max(1, window.responses)
         self._settled_at = time.monotonic() + self.SETTLE
         estimate = self._estimator.estimate()
-        if estimate is None:  # too few 429s to see the limit yet: what got through lately
-            estimate = (window.responses - window.rejected) / max(elapsed, 1e-3)
+        if estimate is None:  # too few 429s to see the limit yet: what got through lately,
+            # but at most halving: answers to requests sent before a cut (all 429s, far over a
+            # limit) would otherwise take the rate to nothing, cut after cut.
+            got_through = (window.responses - window.rejected) / max(elapsed, 1e-3)
+            estimate = max(got_through, self.rate / (2 * self.BACKOFF))
         self.limit_estimate = estimate
         self.pacer.rate = max(self.MIN_RATE, self.BACKOFF * estimate)
         self._hold_until = time.monotonic() + self.HOLD
