@@ -39,14 +39,22 @@ def _car(number: int, **changes: Any) -> dict[str, Any]:
     return car
 
 
-def _merge(conn: psycopg.Connection, records: list[Any]) -> tuple[int, int, int, int]:
+def _merge(
+    conn: psycopg.Connection, records: list[Any], *, mostly_changed: bool = False
+) -> tuple[int, int, int, int]:
     batch = normalise(records, this_year=2026)
-    counts = merge_batch(conn, "carsync", batch.cars, batch.rejected, "test-sync")
+    counts = merge_batch(
+        conn, "carsync", batch.cars, batch.rejected, "test-sync", mostly_changed=mostly_changed
+    )
     return counts.inserted, counts.updated, counts.unchanged, counts.rejected
 
 
 def _xmins(conn: psycopg.Connection) -> dict[str, str]:
     return dict(conn.execute("SELECT id, xmin::text FROM carsync.cars").fetchall())
+
+
+# Both ways of staging (keys first, or whole rows at once) must merge exactly alike.
+BOTH_STAGINGS = pytest.mark.parametrize("whole", [False, True], ids=["keys_first", "whole_rows"])
 
 
 @pytest.fixture
@@ -66,12 +74,17 @@ def test_migrations_are_idempotent(database_url: str) -> None:
     assert persistence == ("u",), "staging must be UNLOGGED"
 
 
-def test_merge_inserts_then_leaves_unchanged_rows_untouched(conn: psycopg.Connection) -> None:
+@BOTH_STAGINGS
+def test_merge_inserts_then_leaves_unchanged_rows_untouched(
+    conn: psycopg.Connection, whole: bool
+) -> None:
     records = [_car(n) for n in range(50)]
-    assert _merge(conn, records) == (50, 0, 0, 0)
+    assert _merge(conn, records, mostly_changed=whole) == (50, 0, 0, 0)
     before = _xmins(conn)
-    assert _merge(conn, copy.deepcopy(records)) == (0, 0, 50, 0)
+    assert _merge(conn, copy.deepcopy(records), mostly_changed=whole) == (0, 0, 50, 0)
     assert _xmins(conn) == before
+    seen = conn.execute("SELECT count(DISTINCT id) FROM carsync.seen_ids").fetchone()
+    assert seen == (50,)
 
 
 def test_only_changed_listings_are_staged_whole(conn: psycopg.Connection) -> None:
@@ -116,13 +129,14 @@ def test_batches_merge_side_by_side(conn: psycopg.Connection, database_url: str)
     assert staging == (0,), "each connection stages into its own temporary tables"
 
 
-def test_merge_updates_exactly_the_changed_rows(conn: psycopg.Connection) -> None:
+@BOTH_STAGINGS
+def test_merge_updates_exactly_the_changed_rows(conn: psycopg.Connection, whole: bool) -> None:
     records = [_car(n) for n in range(20)]
     _merge(conn, records)
     before = _xmins(conn)
     records[3] = _car(3, price={"amount": 1, "currency": "KRW"})
     records[7] = _car(7, status="reserved")
-    assert _merge(conn, records) == (0, 2, 18, 0)
+    assert _merge(conn, records, mostly_changed=whole) == (0, 2, 18, 0)
     after = _xmins(conn)
     assert {car_id for car_id in after if after[car_id] != before[car_id]} == {
         "KA000000003",
@@ -134,10 +148,13 @@ def test_merge_updates_exactly_the_changed_rows(conn: psycopg.Connection) -> Non
     assert price == 1 and changed_at >= first_seen
 
 
-def test_a_listing_served_twice_in_one_partition_is_merged_once(conn: psycopg.Connection) -> None:
+@BOTH_STAGINGS
+def test_a_listing_served_twice_in_one_partition_is_merged_once(
+    conn: psycopg.Connection, whole: bool
+) -> None:
     old = _car(1, updated_at="2026-01-02T00:00:00Z")
     new = _car(1, updated_at="2026-01-03T00:00:00Z", price={"amount": 5, "currency": "KRW"})
-    assert _merge(conn, [old, new]) == (1, 0, 0, 0)
+    assert _merge(conn, [old, new], mostly_changed=whole) == (1, 0, 0, 0)
     assert conn.execute("SELECT price FROM carsync.cars").fetchone() == (5,)
 
 
@@ -156,8 +173,11 @@ def test_rejected_records_keep_one_row_each(conn: psycopg.Connection) -> None:
     assert reasons["KA000000001"].startswith("year:")
 
 
-def test_a_fixed_record_resolves_its_quarantine_row(conn: psycopg.Connection) -> None:
-    _merge(conn, [_car(1, year="nineteen-ninety")])
-    _merge(conn, [_car(1)])
-    row = conn.execute("SELECT resolved_at IS NOT NULL FROM carsync.cars_rejected").fetchone()
-    assert row == (True,)
+@BOTH_STAGINGS
+def test_a_fixed_record_resolves_its_quarantine_row(conn: psycopg.Connection, whole: bool) -> None:
+    _merge(conn, [_car(1, year="nineteen-ninety"), _car(2, year="nineteen-ninety")])
+    _merge(conn, [_car(1)], mostly_changed=whole)
+    rows = conn.execute(
+        "SELECT id, resolved_at IS NOT NULL FROM carsync.cars_rejected ORDER BY id"
+    ).fetchall()
+    assert rows == [("KA000000001", True), ("KA000000002", False)]

@@ -53,6 +53,7 @@ def _copy_frame(cur: psycopg.Cursor, table: str, frame: pl.DataFrame) -> None:
 _KEY_COLUMNS = ("id", "data_hash", "source_updated_at")
 _STAGING = ("cars_keys_staging", "cars_staging", "cars_rejected_staging")
 _DEADLOCK_RETRIES = 3
+_MOSTLY_CHANGED = 0.5  # share of a batch's rows that changed, above which whole rows are staged
 
 
 def _session_staging(cur: psycopg.Cursor, schema: str) -> None:
@@ -77,9 +78,13 @@ def merge_batch(
     cars: pl.DataFrame,
     rejected: pl.DataFrame,
     sync_id: str,
+    *,
+    mostly_changed: bool = False,
 ) -> MergeCounts:
     """Stage and merge one partition's records in a single transaction, recording the ids as
-    seen by `sync_id`."""
+    seen by `sync_id`. With `mostly_changed` (a first load, say) whole rows are staged at once
+    instead of keys first: the merge checks every hash anyway, and keys would only be staged
+    and compared to find that nearly all rows must be staged too."""
     with conn.transaction(), conn.cursor() as cur:
         set_search_path(conn, schema)
         cur.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(_LOCK_TIMEOUT)))
@@ -88,13 +93,17 @@ def merge_batch(
         )
         _session_staging(cur, schema)
         cur.execute("TRUNCATE cars_keys_staging, cars_staging, cars_rejected_staging")
-        # Keys first: most listings of a re-sync are unchanged, and only the changed ones need
-        # their whole row staged and merged.
-        _copy_frame(cur, "cars_keys_staging", cars.select(_KEY_COLUMNS))
-        cur.execute(read_sql("changed_ids.sql").encode(), {"sync_id": sync_id})
-        changed_ids = [row[0] for row in cur.fetchall()]
-        changed = cars if len(changed_ids) == cars.height else _only(cars, changed_ids)
-        _copy_frame(cur, "cars_staging", changed)
+        if mostly_changed:
+            _copy_frame(cur, "cars_staging", cars)
+            cur.execute(read_sql("seen_staged_ids.sql").encode(), {"sync_id": sync_id})
+        else:
+            # Keys first: most listings of a re-sync are unchanged, and only the changed ones
+            # need their whole row staged and merged.
+            _copy_frame(cur, "cars_keys_staging", cars.select(_KEY_COLUMNS))
+            cur.execute(read_sql("changed_ids.sql").encode(), {"sync_id": sync_id})
+            changed_ids = [row[0] for row in cur.fetchall()]
+            changed = cars if len(changed_ids) == cars.height else _only(cars, changed_ids)
+            _copy_frame(cur, "cars_staging", changed)
         _copy_frame(cur, "cars_rejected_staging", rejected)
         cur.execute(read_sql("merge_cars.sql").encode(), {"sync_id": sync_id})
         row = cur.fetchone()
@@ -103,7 +112,9 @@ def merge_batch(
         staged = cars.get_column("id").n_unique()
         if not rejected.is_empty():
             cur.execute(read_sql("merge_rejected.sql").encode())
-        cur.execute(read_sql("resolve_rejected.sql").encode())
+        every_id = "cars_staging" if mostly_changed else "cars_keys_staging"
+        resolve = sql.SQL(read_sql("resolve_rejected.sql"))
+        cur.execute(resolve.format(staging=sql.Identifier(every_id)))
     newest = cars.get_column("source_updated_at").max()
     newest_update = newest if isinstance(newest, datetime) else None
     return MergeCounts(staged, inserted, updated, rejected.height, newest_update)
@@ -118,17 +129,24 @@ def merge_batches(
     workers: int = 2,
 ) -> Iterator[tuple[str, MergeCounts, float]]:
     """Merge the batch of each key on `workers` connections at once (PostgreSQL does the work,
-    on as many cores), yielding (key, counts, seconds) in key order."""
+    on as many cores), yielding (key, counts, seconds) in key order. How the last merged batch
+    went decides how the next is staged: a first load changes nearly every row, a re-sync few."""
     connections: queue.Queue[psycopg.Connection] = queue.Queue()
+    last_changed_share = 0.0
 
     def merge(key: str) -> tuple[str, MergeCounts, float]:
+        nonlocal last_changed_share
         conn = connections.get()
         try:
             began = time.perf_counter()
             cars, rejected = read(key)
+            mostly_changed = last_changed_share > _MOSTLY_CHANGED
             for attempt in range(1, _DEADLOCK_RETRIES + 1):
                 try:
-                    counts = merge_batch(conn, schema, cars, rejected, sync_id)
+                    counts = merge_batch(
+                        conn, schema, cars, rejected, sync_id, mostly_changed=mostly_changed
+                    )
+                    last_changed_share = counts.changed / max(1, counts.staged)
                     break
                 except psycopg.errors.DeadlockDetected:
                     # Two batches holding one listing (page drift) can lock it in turn; the

@@ -1,6 +1,7 @@
--- Merge cars_staging into cars in one statement. Staging holds only the listings that
--- changed_ids.sql found new, changed or back after being marked gone; they are checked again
--- here, so a row is written only when its data_hash changed or it comes back, never otherwise.
+-- Merge cars_staging into cars in one statement. Staging holds the listings that
+-- changed_ids.sql found new, changed or back after being marked gone, or a whole batch that is
+-- mostly new; every one is checked here, so a row is written only when its data_hash changed or
+-- it comes back, never otherwise.
 -- The same statement records the history of price and status. Returns (inserted, updated).
 WITH incoming AS (
     -- Page drift can serve one listing twice; keep its newest version.
