@@ -315,6 +315,8 @@ def _summary(result: Any, seconds: float) -> dict[str, Any]:
         "vanished_candidates": total("candidates", gone),
         "partitions": total("partitions_fetched", pages) + total("partitions_skipped", pages),
         "partitions_resumed": total("partitions_skipped", pages),
+        # Landed with the same pages as last time: their normalised files were kept.
+        "partitions_unchanged": total("partitions_reused", normalised),
         "requests": total("requests", pages),
         "retries": total("retries", pages, recent),
         "hedged": total("hedged_requests", pages),

@@ -58,10 +58,12 @@ def test_sync_is_exact_then_writes_nothing_then_counts_changes(
     assert first["fetched"] == len(truth["cars"]) + len(truth["rejected"])
     assert first["pages"] == 200
     assert first["checks_failed"] == []
+    assert first["partitions_unchanged"] == 0
 
     before = _xmins(database_url)
     second = _summary(run_carsync(["sync", "--json"], env, tmp_path))
     assert second["checks_failed"] == []
+    assert second["partitions_unchanged"] == second["partitions"] == 10, "nothing to normalise"
     assert (second["inserted"], second["updated"]) == (0, 0)
     assert second["unchanged"] == len(truth["cars"])
     assert _xmins(database_url) == before, "an unchanged feed must not rewrite any row of cars"
@@ -69,6 +71,7 @@ def test_sync_is_exact_then_writes_nothing_then_counts_changes(
     changes = simulator.control.mutate(update=37, insert=12)
     third = _summary(run_carsync(["sync", "--json"], env, tmp_path))
     assert (third["updated"], third["inserted"]) == (37, 12)
+    assert third["partitions_unchanged"] < third["partitions"], "changed pages are normalised"
     assert differences(simulator.control.truth(), database_url) == []
     after = _xmins(database_url)
     rewritten = {car_id for car_id, xmin in after.items() if before.get(car_id) != xmin}

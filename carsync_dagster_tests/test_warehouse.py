@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -10,6 +11,7 @@ import pytest
 
 from carsync_dagster.transform import normalise
 from carsync_dagster.warehouse.load import merge_batch, merge_batches
+from carsync_dagster.warehouse.normalised_store import NormalisedStore
 from carsync_dagster.warehouse.schema import MIGRATIONS, migrate
 
 
@@ -181,3 +183,15 @@ def test_a_fixed_record_resolves_its_quarantine_row(conn: psycopg.Connection, wh
         "SELECT id, resolved_at IS NOT NULL FROM carsync.cars_rejected ORDER BY id"
     ).fetchall()
     assert rows == [("KA000000001", True), ("KA000000002", False)]
+
+
+def test_normalised_files_are_reused_only_when_made_from_the_same_source(tmp_path: Path) -> None:
+    store = NormalisedStore(tmp_path)
+    batch = normalise([_car(1), _car(2, year="nineteen-ninety")], this_year=2026)
+    assert store.reusable("p1", "pages-a") is None, "nothing written yet"
+    store.write("p1", batch.cars, batch.rejected, "pages-a")
+    assert store.reusable("p1", "pages-a") == (1, 1)
+    assert store.reusable("p1", "pages-b") is None, "other pages, other rules or another year"
+    assert store.reusable("p2", "pages-a") is None
+    (tmp_path / "p1.cars.parquet").unlink()
+    assert store.reusable("p1", "pages-a") is None, "a missing file is made again"

@@ -6,6 +6,7 @@ so a partition either is landed completely or not at all.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ class LandedPartition:
     pages: int
     records: int
     seconds: float
+    digest: str = ""  # of the landed bytes: partitions with equal digests hold equal pages
 
 
 class Landing:
@@ -48,15 +50,17 @@ class Landing:
         self.root.mkdir(parents=True, exist_ok=True)
         self._manifest_path(key).unlink(missing_ok=True)
         tmp = self._data_path(key).with_name(f"{key}.ndjson.tmp")
+        digest = hashlib.blake2b(digest_size=16)
         with tmp.open("wb") as out:
             for page in sorted(pages, key=lambda p: p.number):
                 # A raw newline can only be white space between JSON tokens (inside strings it is
                 # escaped), so replacing it keeps the body's meaning and makes it one line.
-                out.write(page.body.replace(b"\r", b" ").replace(b"\n", b" ") + b"\n")
+                line = page.body.replace(b"\r", b" ").replace(b"\n", b" ") + b"\n"
+                out.write(line)
+                digest.update(line)
         os.replace(tmp, self._data_path(key))
-        landed = LandedPartition(
-            key, sync_id, len(pages), sum(p.record_count for p in pages), seconds
-        )
+        records = sum(p.record_count for p in pages)
+        landed = LandedPartition(key, sync_id, len(pages), records, seconds, digest.hexdigest())
         _atomic_write(self._manifest_path(key), orjson.dumps(asdict(landed)))
         return landed
 

@@ -1,10 +1,16 @@
-"""Normalised partitions on disk (Parquet), between the polars asset and the merge."""
+"""Normalised partitions on disk (Parquet), between the polars asset and the merge.
+
+Beside each partition's two files, a small record of what they were made from (the landed pages'
+digest, the rules' year and code) written last: a partition landed again with the same pages
+need not be normalised again.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import orjson
 import polars as pl
 
 
@@ -15,13 +21,33 @@ class NormalisedStore:
     def _path(self, key: str, part: str) -> Path:
         return self.root / f"{key}.{part}.parquet"
 
-    def write(self, key: str, cars: pl.DataFrame, rejected: pl.DataFrame) -> None:
+    def _source_path(self, key: str) -> Path:
+        return self.root / f"{key}.source.json"
+
+    def write(self, key: str, cars: pl.DataFrame, rejected: pl.DataFrame, source: str) -> None:
+        """`source` names what the frames were made from; `reusable` compares it."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self._source_path(key).unlink(missing_ok=True)
         for part, frame in (("cars", cars), ("rejected", rejected)):
             tmp = self._path(key, part).with_name(f"{key}.{part}.parquet.tmp")
             # Uncompressed: these files live minutes and are read once; speed beats size here.
             frame.write_parquet(tmp, compression="uncompressed", statistics=False)
             os.replace(tmp, self._path(key, part))
+        made = {"source": source, "rows": cars.height, "rejected": rejected.height}
+        tmp = self._source_path(key).with_name(f"{key}.source.json.tmp")
+        tmp.write_bytes(orjson.dumps(made))
+        os.replace(tmp, self._source_path(key))
+
+    def reusable(self, key: str, source: str) -> tuple[int, int] | None:
+        """(rows, rejected) of the partition when it was made from `source`, else None."""
+        try:
+            made = orjson.loads(self._source_path(key).read_bytes())
+        except FileNotFoundError:
+            return None
+        files = all(self._path(key, part).exists() for part in ("cars", "rejected"))
+        if not files or made.get("source") != source:
+            return None
+        return int(made["rows"]), int(made["rejected"])
 
     def read(self, key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
         try:
