@@ -1,10 +1,11 @@
-"""The fetch path: pages checked without building records, the lean transport, and hedging of a
-hung request whose copies fail. Real simulator or a real local HTTP server, real sockets."""
+"""The fetch path: pages checked without building records, the aiohttp transport under httpx
+(connections the server closed, resets), and hedging of a hung request whose copies fail. Real
+simulator or a real local HTTP server, real sockets."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -14,10 +15,9 @@ import httpx
 import pytest
 
 from carsync_dagster.simulator.process import RunningSimulator, start_simulator
-from carsync_dagster.source.client import ListingsClient, check_page, parse_page
-from carsync_dagster.source.errors import RetryableApiError
+from carsync_dagster.source.client import ListingsClient, RetryPolicy, check_page, parse_page
+from carsync_dagster.source.errors import ApiError, RetryableApiError
 from carsync_dagster.source.extract import PartitionPages, fetch_partitions
-from carsync_dagster.source.transport import _readable
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +70,7 @@ def test_what_the_fast_check_refuses_goes_the_long_way() -> None:
     assert (page.record_count, page.last_page, page.total) == (2, 2, 2)
 
 
-def test_readable_means_closed_by_the_peer() -> None:
-    ours, theirs = socket.socketpair()
-    try:
-        assert not _readable(ours)
-        theirs.close()
-        assert _readable(ours)
-    finally:
-        ours.close()
-    assert _readable(ours)  # closed here too
-    assert _readable(None)
-
-
-def test_the_client_fetches_every_page_over_its_lean_transport(sim: RunningSimulator) -> None:
+def test_the_client_fetches_every_page(sim: RunningSimulator) -> None:
     landed: dict[str, int] = {}
 
     async def fetch() -> ListingsClient:
@@ -97,8 +85,6 @@ def test_the_client_fetches_every_page_over_its_lean_transport(sim: RunningSimul
                     {part.key: sum(p.record_count for p in pages)}
                 ),
             )
-            # Idle connections that look closed are found and replaced, not reused.
-            _end_idle_streams(client)
             page = await client.get_page(2, 100)
             assert len(page.records) == 100
         return client
@@ -108,12 +94,70 @@ def test_the_client_fetches_every_page_over_its_lean_transport(sim: RunningSimul
     assert client.stats.retries == 0
 
 
-def _end_idle_streams(client: ListingsClient) -> None:
-    """Shut the reading side of every pooled socket: each then polls readable, at end of stream,
-    as after a server-side close."""
-    pool = client._client._transport._pool  # type: ignore[attr-defined]
-    for connection in pool.connections:
-        connection._connection._network_stream._socket.shutdown(socket.SHUT_RD)
+class _ClosesAfterEachAnswer(BaseHTTPRequestHandler):
+    """Answers over HTTP/1.1 without `Connection: close`, then closes the connection anyway, as a
+    server does when its keep-alive timeout is shorter than the client's."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(_EMPTY_PAGE)))
+        self.end_headers()
+        self.wfile.write(_EMPTY_PAGE)
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _ResetsEveryConnection(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.close_connection = True  # no answer at all
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _local_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_connections_the_server_closed_are_not_reused() -> None:
+    with _local_server(_ClosesAfterEachAnswer) as base_url:
+        client = ListingsClient(base_url, "key", concurrency=2)
+
+        async def fetch() -> None:
+            async with client:
+                for number in range(1, 6):
+                    await client.get_page(number, 100, with_records=False)
+                    await asyncio.sleep(0.05)  # the server's close reaches the pool
+
+        asyncio.run(fetch())
+    assert client.stats.requests == 5 and client.stats.retries == 0
+
+
+def test_a_connection_closed_without_an_answer_is_a_retried_connection_error() -> None:
+    with _local_server(_ResetsEveryConnection) as base_url:
+        policy = RetryPolicy(max_attempts=2, max_backoff=0.01)
+        client = ListingsClient(base_url, "key", timeout=5, policy=policy)
+
+        async def fetch() -> None:
+            async with client:
+                await client.get_page(1, 100)
+
+        with pytest.raises(ApiError, match="gave up after 2 attempts"):
+            asyncio.run(fetch())
+    assert client.stats.by_class == {"connection": 2}, "not a timeout: nothing was waited for"
 
 
 class _HangThenFail(BaseHTTPRequestHandler):
@@ -145,11 +189,8 @@ _EMPTY_PAGE = b'{"data": [], "meta": {"last_page": 1, "total": 0}}'
 def test_a_hung_request_is_raced_until_a_copy_succeeds() -> None:
     # Capping the copies sent (not those in flight) left the hung original as the only hope
     # once two copies had failed: a whole timeout lost, about 1 run in 4 of the hostile profile.
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _HangThenFail)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        client = ListingsClient(f"http://127.0.0.1:{server.server_port}", "key", timeout=30)
+    with _local_server(_HangThenFail) as base_url:
+        client = ListingsClient(base_url, "key", timeout=30)
 
         async def fetch() -> float:
             async with client:
@@ -159,8 +200,5 @@ def test_a_hung_request_is_raced_until_a_copy_succeeds() -> None:
                 return time.perf_counter() - started
 
         seconds = asyncio.run(fetch())
-    finally:
-        server.shutdown()
-        server.server_close()
     assert seconds < 4, f"took {seconds:.1f}s: the hung original was waited for"
     assert client.stats.hedged == 3 and _HangThenFail.served == 4
