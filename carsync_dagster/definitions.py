@@ -5,7 +5,7 @@ import os
 
 from dagster import Definitions, EnvVar, definitions
 
-from carsync_dagster.orchestration.assets import cars, normalised, pages
+from carsync_dagster.orchestration.assets import normalised_and_cars, pages
 from carsync_dagster.orchestration.automation import (
     discovery_sensor,
     sync_failure_alert,
@@ -34,7 +34,7 @@ from carsync_dagster.settings import load_settings
 def defs() -> Definitions:
     settings = load_settings(os.environ)
     return Definitions(
-        assets=[pages, normalised, cars, recent_changes, vanished_listings],
+        assets=[pages, normalised_and_cars, recent_changes, vanished_listings],
         asset_checks=[
             cars_ids_unique,
             active_rows_match_feed,

@@ -116,7 +116,9 @@ def test_a_daemon_run_worker_that_dies_or_hangs_is_recovered(
     took = time.monotonic() - hit
     time.sleep(2 * SENSOR_INTERVAL)  # long enough for any second re-run to be requested
     runs = _sync_runs(instance)
-    assert [r.run_id for r in runs] == [run_id, rerun.run_id], "exactly one re-run"
+    assert [r.run_id for r in runs] == [run_id, rerun.run_id], [
+        (r.job_name, r.status.value, r.tags.get("carsync/kind")) for r in runs
+    ]
     failure = instance.get_run_by_id(run_id)
     assert failure is not None and failure.status == DagsterRunStatus.FAILURE
     if how == "kill -9":

@@ -10,8 +10,10 @@ import contextlib
 import functools
 import gc
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -22,7 +24,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetObservation,
-    AssetsDefinition,
+    AssetSpec,
     BackfillPolicy,
     DagsterInstance,
     MaterializeResult,
@@ -33,8 +35,8 @@ from dagster import (
     TableColumn,
     TableRecord,
     TableSchema,
-    asset,
     graph_asset,
+    multi_asset,
     op,
 )
 
@@ -45,7 +47,7 @@ from carsync_dagster.orchestration.resources import ListingsApiResource, Warehou
 from carsync_dagster.source.client import Page
 from carsync_dagster.source.extract import PartitionPages, fetch_partitions
 from carsync_dagster.source.landing import Landing
-from carsync_dagster.transform import normalise
+from carsync_dagster.transform import Batch, normalise
 from carsync_dagster.warehouse import syncs
 from carsync_dagster.warehouse.load import merge_batches
 from carsync_dagster.warehouse.normalised_store import NormalisedStore
@@ -90,18 +92,6 @@ def _table(rows: Sequence[dict[str, Any]]) -> MetadataValue:
                 TableColumn(name, "string" if name == "partition" else "float") for name in columns
             ]
         ),
-    )
-
-
-def _page_range_asset(
-    *, deps: Sequence[AssetsDefinition], description: str
-) -> Callable[[Callable[..., Any]], AssetsDefinition]:
-    return asset(
-        deps=deps,
-        description=description,
-        partitions_def=page_ranges,
-        backfill_policy=_SINGLE_RUN,
-        group_name=GROUP,
     )
 
 
@@ -217,37 +207,130 @@ def pages() -> Any:
     return fetch_pages()
 
 
-@_page_range_asset(
-    deps=[pages],
-    description="Records normalised, validated and hashed with polars (Parquet per partition).",
+NORMALISED, CARS = AssetKey("normalised"), AssetKey("cars")
+# Partitions normalised ahead of the merge, at most: each waits as polars frames in memory.
+_NORMALISED_AHEAD = 2
+
+
+@multi_asset(
+    name="normalise_and_merge",
+    specs=[
+        AssetSpec(
+            NORMALISED,
+            deps=[pages],
+            description="Records normalised, validated and hashed with polars (Parquet per "
+            "partition).",
+            group_name=GROUP,
+            skippable=True,
+        ),
+        AssetSpec(
+            CARS,
+            deps=[NORMALISED],
+            description="The warehouse table: staged with COPY, merged without rewriting "
+            "unchanged rows.",
+            group_name=GROUP,
+            skippable=True,
+        ),
+    ],
+    partitions_def=page_ranges,
+    backfill_policy=_SINGLE_RUN,
+    can_subset=True,
+    description="Each partition is merged while the next is normalised: PostgreSQL merges on "
+    "other cores while polars works (either asset can also be materialised alone).",
 )
-def normalised(
+def normalised_and_cars(
     context: AssetExecutionContext, api: ListingsApiResource, warehouse: WarehouseResource
-) -> MaterializeResult[None]:
+) -> Iterator[MaterializeResult[None]]:
+    selected = context.selected_asset_keys
     landing, store = api.landing(), NormalisedStore(api.normalised_dir())
-    sync_id = sync_id_of(context)
-    this_year = sync_year(warehouse, sync_id)
-    rows: list[dict[str, Any]] = []
+    keys = context.partition_keys
+    if NORMALISED not in selected:
+        yield _merge(context, warehouse, store.read)
+        return
+    this_year = sync_year(warehouse, sync_id_of(context))
     started = time.perf_counter()
-    with warehouse.connect(autocommit=True) as conn:
-        progress = _partition_progress(context, conn, warehouse, sync_id, "normalise")
-        for key in context.partition_keys:
-            began = time.perf_counter()
-            made, rejected, reused = _normalise_partition(landing, store, key, this_year)
-            rows.append(
-                {
-                    "partition": key,
-                    "rows": made,
-                    "rejected": rejected,
-                    "reused": float(reused),
-                    "seconds": round(time.perf_counter() - began, 3),
-                }
-            )
-            progress.step_done()
-        progress.flush()
-    seconds = time.perf_counter() - started
+    if CARS not in selected:
+        rows = [_normalise_timed(landing, store, key, this_year)[0] for key in keys]
+        yield _normalised_result(rows, time.perf_counter() - started)
+        return
+    with _NormalisingAhead(landing, store, keys, this_year) as ahead:
+        merged = _merge(context, warehouse, ahead.frames)
+        rows = ahead.rows
+    yield _normalised_result(rows, ahead.seconds)
+    yield merged
+
+
+def _normalise_timed(
+    landing: Landing, store: NormalisedStore, key: str, this_year: int
+) -> tuple[dict[str, Any], Batch | None]:
+    """The partition's metadata row, and its frames unless they were reused from disk."""
+    began = time.perf_counter()
+    batch, made, rejected = _normalise_partition(landing, store, key, this_year)
+    row = {
+        "partition": key,
+        "rows": made,
+        "rejected": rejected,
+        "reused": float(batch is None),
+        "seconds": round(time.perf_counter() - began, 3),
+    }
+    return row, batch
+
+
+class _NormalisingAhead:
+    """Normalises the partitions in order on a thread of its own, a few ahead of the merge that
+    takes their frames: polars works while PostgreSQL merges the previous ones on other cores."""
+
+    def __init__(
+        self, landing: Landing, store: NormalisedStore, keys: Sequence[str], this_year: int
+    ) -> None:
+        self._args = (landing, store, this_year)
+        self._frames: dict[str, Future[Batch | None]] = {key: Future() for key in keys}
+        self._room = threading.Semaphore(_NORMALISED_AHEAD)
+        self._stop = threading.Event()
+        self.rows: list[dict[str, Any]] = []
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, args=(list(keys),), daemon=True)
+
+    def __enter__(self) -> "_NormalisingAhead":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._room.release()  # wake the thread if it waits for room
+        self._thread.join()
+
+    def _run(self, keys: list[str]) -> None:
+        landing, store, this_year = self._args
+        started = time.perf_counter()
+        try:
+            for key in keys:
+                self._room.acquire()
+                if self._stop.is_set():
+                    return
+                try:
+                    row, batch = _normalise_timed(landing, store, key, this_year)
+                except BaseException as error:  # handed to the merge: it fails the step with it
+                    self._frames[key].set_exception(error)
+                    return
+                self.rows.append(row)
+                self._frames[key].set_result(batch)
+        finally:
+            self.seconds = time.perf_counter() - started
+            for future in list(self._frames.values()):
+                future.cancel()  # a partition never reached: a merge waiting on it stops
+
+    def frames(self, key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+        batch = self._frames[key].result()
+        del self._frames[key]  # the merge holds the frames now
+        self._room.release()
+        return self._args[1].read(key) if batch is None else (batch.cars, batch.rejected)
+
+
+def _normalised_result(rows: list[dict[str, Any]], seconds: float) -> MaterializeResult[None]:
     total = sum(int(r["rows"]) for r in rows)
     return MaterializeResult(
+        asset_key=NORMALISED,
         metadata={
             "rows": total,
             "rejected": sum(int(r["rejected"]) for r in rows),
@@ -255,18 +338,15 @@ def normalised(
             "rows_per_second": round(total / seconds, 1) if seconds else 0.0,
             "seconds": round(seconds, 2),
             "per_partition": _table(rows),
-        }
+        },
     )
 
 
-@_page_range_asset(
-    deps=[normalised],
-    description="The warehouse table: staged with COPY, merged without rewriting unchanged rows.",
-)
-def cars(
-    context: AssetExecutionContext, api: ListingsApiResource, warehouse: WarehouseResource
+def _merge(
+    context: AssetExecutionContext,
+    warehouse: WarehouseResource,
+    read: Callable[[str], tuple[pl.DataFrame, pl.DataFrame]],
 ) -> MaterializeResult[None]:
-    store = NormalisedStore(api.normalised_dir())
     sync_id = sync_id_of(context)
     totals = {"rows": 0, "inserted": 0, "updated": 0, "unchanged": 0, "rejected": 0}
     rows: list[dict[str, Any]] = []
@@ -274,7 +354,7 @@ def cars(
     with warehouse.connect(autocommit=True) as status_conn:
         progress = _partition_progress(context, status_conn, warehouse, sync_id, "merge")
         merged = merge_batches(
-            warehouse.connect, warehouse.schema_name, context.partition_keys, store.read, sync_id
+            warehouse.connect, warehouse.schema_name, context.partition_keys, read, sync_id
         )
         for key, counts, merge_seconds in merged:
             syncs.raise_watermark(status_conn, warehouse.schema_name, sync_id, counts.newest_update)
@@ -290,9 +370,7 @@ def cars(
             rows.append(row)
             for name in totals:
                 totals[name] += int(row[name])
-            context.log_event(
-                AssetObservation(asset_key=AssetKey("cars"), partition=key, metadata=row)
-            )
+            context.log_event(AssetObservation(asset_key=CARS, partition=key, metadata=row))
             progress.step_done()
         progress.flush()
         selection = context.run.asset_selection or set()
@@ -303,29 +381,31 @@ def cars(
             )
     seconds = time.perf_counter() - started
     return MaterializeResult(
+        asset_key=CARS,
         metadata={
             **totals,
             "rows_per_second": round(totals["rows"] / seconds, 1) if seconds else 0.0,
             "seconds": round(seconds, 2),
             "per_partition": _table(rows),
-        }
+        },
     )
 
 
 def _normalise_partition(
     landing: Landing, store: NormalisedStore, key: str, this_year: int
-) -> tuple[int, int, bool]:
-    """(rows, rejected, reused): a partition landed with the same pages as when it was last
-    normalised, under the same rules, keeps its files (an unchanged re-sync: 3 s of 4)."""
+) -> tuple[Batch | None, int, int]:
+    """(batch, rows, rejected) of the partition, normalised and stored. The batch is None when
+    the partition was landed with the same pages as when it was last normalised, under the same
+    rules: its files are kept (an unchanged re-sync normalises nothing)."""
     landed = landing.manifest(key)
     source = f"{landed.digest}:{this_year}:{_rules_version()}" if landed and landed.digest else ""
     made = store.reusable(key, source) if source else None
     if made is not None:
-        return *made, True
+        return None, *made
     with _collector_paused():
         batch = normalise(landing.records(key), this_year=this_year)
     store.write(key, batch.cars, batch.rejected, source)
-    return batch.cars.height, batch.rejected.height, False
+    return batch, batch.cars.height, batch.rejected.height
 
 
 @functools.cache

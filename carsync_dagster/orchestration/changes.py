@@ -23,10 +23,10 @@ from psycopg import sql
 
 from carsync_dagster.orchestration.assets import (
     API_POOL,
+    CARS,
     GROUP,
     PID_TAG,
     SYNC_KIND_TAG,
-    cars,
     pages,
     sync_id_of,
     sync_year,
@@ -75,7 +75,7 @@ def _is_complete_full_sync(context: AssetExecutionContext) -> bool:
 
 
 @asset(
-    deps=[cars],
+    deps=[CARS],
     group_name=GROUP,
     pool=API_POOL,
     description=(
@@ -227,7 +227,7 @@ def _scalar(conn: psycopg.Connection, schema: str, query: str, *params: object) 
     return int(row[0] or 0) if row else 0
 
 
-@asset_check(asset=cars, additional_deps=[vanished_listings], description="Every id once.")
+@asset_check(asset=CARS, additional_deps=[vanished_listings], description="Every id once.")
 def cars_ids_unique(warehouse: WarehouseResource) -> AssetCheckResult:
     with warehouse.connect(autocommit=True) as conn:
         duplicates = _scalar(
@@ -237,7 +237,7 @@ def cars_ids_unique(warehouse: WarehouseResource) -> AssetCheckResult:
 
 
 @asset_check(
-    asset=cars,
+    asset=CARS,
     additional_deps=[vanished_listings],
     description="Active listings within CARSYNC_TOTAL_TOLERANCE of the feed's meta.total.",
 )
@@ -263,7 +263,7 @@ def active_rows_match_feed(
 
 
 @asset_check(
-    asset=cars,
+    asset=CARS,
     additional_deps=[vanished_listings],
     description="Unresolved rejected records under CARSYNC_MAX_REJECTED of what the feed serves.",
 )
@@ -284,7 +284,7 @@ def rejected_fraction(api: ListingsApiResource, warehouse: WarehouseResource) ->
 
 
 @asset_check(
-    asset=cars,
+    asset=CARS,
     description="The last successful full sync is under a day old, and some sync is recent.",
 )
 def sync_freshness(api: ListingsApiResource, warehouse: WarehouseResource) -> AssetCheckResult:

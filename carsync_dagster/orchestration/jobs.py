@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from dagster import AssetCheckKey, AssetSelection, define_asset_job
 
-from carsync_dagster.orchestration.assets import cars, normalised, pages
+from carsync_dagster.orchestration.assets import CARS, normalised_and_cars, pages
 from carsync_dagster.orchestration.changes import recent_changes, vanished_listings
 
 # Freshness is about the time between syncs: checked on its own schedule, not inside one.
-FRESHNESS = AssetSelection.checks(AssetCheckKey(cars.key, "sync_freshness"))
+FRESHNESS = AssetSelection.checks(AssetCheckKey(CARS, "sync_freshness"))
 
 full_sync_job = define_asset_job(
     "full_sync",
-    selection=AssetSelection.assets(pages, normalised, cars, recent_changes, vanished_listings)
+    selection=AssetSelection.assets(pages, normalised_and_cars, recent_changes, vanished_listings)
     - FRESHNESS,
     description=(
         "Fetch, normalise and merge every page range in one run, catch up on changes made "
@@ -28,7 +28,7 @@ incremental_sync_job = define_asset_job(
 
 page_ranges_job = define_asset_job(
     "page_ranges_sync",
-    selection=AssetSelection.assets(pages, normalised, cars) - FRESHNESS,
+    selection=AssetSelection.assets(pages, normalised_and_cars) - FRESHNESS,
     description="Some page ranges only, without the closing steps: what failed-partition "
     "retries run.",
 )

@@ -37,11 +37,11 @@ from dagster import (
 )
 
 from carsync_dagster.orchestration.assets import (
+    CARS,
     HOST_TAG,
+    NORMALISED,
     PID_TAG,
     SYNC_KIND_TAG,
-    cars,
-    normalised,
     pages,
 )
 from carsync_dagster.orchestration.automation import SYNC_JOBS, sync_in_progress
@@ -190,8 +190,8 @@ def failed_partitions(instance: DagsterInstance) -> list[str]:
     """Page ranges whose latest attempt at any asset of the chain failed."""
     keys = sorted(instance.get_dynamic_partitions(str(page_ranges.name)))
     failed: set[str] = set()
-    for asset in (pages, normalised, cars):
-        statuses = instance.get_status_by_partition(asset.key, keys, page_ranges) or {}
+    for asset_key in (pages.key, NORMALISED, CARS):
+        statuses = instance.get_status_by_partition(asset_key, keys, page_ranges) or {}
         failed |= {key for key, status in statuses.items() if status == AssetPartitionStatus.FAILED}
     return sorted(failed)
 
@@ -247,7 +247,7 @@ def retry_failed_partitions(
     return SensorResult(run_requests=requests, cursor=cursor)
 
 
-@asset_check(asset=cars, description="No page range is left failed.")
+@asset_check(asset=CARS, description="No page range is left failed.")
 def partitions_healthy(context: AssetCheckExecutionContext) -> AssetCheckResult:
     failed = failed_partitions(context.instance)
     return AssetCheckResult(
