@@ -102,11 +102,14 @@ def _started_sync_runs(instance: DagsterInstance) -> list[DagsterRun]:
     return [r.dagster_run for r in records if r.dagster_run.job_name in SYNC_JOBS]
 
 
+_WORKER_GONE = "its worker process {pid} is gone"
+
+
 def why_stale(instance: DagsterInstance, run: DagsterRun, stale_after: float) -> str | None:
     """Why a STARTED run should be failed, or None while it looks healthy."""
     pid = worker_pid(instance, run)
     if _on_this_host(run) and pid is not None and not _alive(pid):
-        return f"its worker process {pid} is gone"
+        return _WORKER_GONE.format(pid=pid)
     last = _last_event_time(instance, run.run_id)
     silent = time.time() - last if last is not None else 0.0
     if silent > stale_after:
@@ -150,11 +153,21 @@ def _stop_worker(run: DagsterRun, pid: int | None) -> None:
 def recover_stale_runs(
     context: SensorEvaluationContext, stale_after: float
 ) -> SensorResult | SkipReason:
-    """Fails stale sync runs and requests each of them again."""
+    """Fails stale sync runs and requests each of them again.
+
+    A run whose worker is gone is left one tick: the gRPC code server fails the runs of workers
+    it launched and lost within a second or so, and then the failed-partition sensor re-runs
+    only what failed. Acting in that second too would recover the same run twice."""
     requests = []
+    seen_gone: list[str] = json.loads(context.cursor or "[]")
+    gone_now: list[str] = []
     for run in _started_sync_runs(context.instance):
         reason = why_stale(context.instance, run, stale_after)
         if reason is None:
+            continue
+        worker_gone = reason == _WORKER_GONE.format(pid=worker_pid(context.instance, run))
+        if worker_gone and run.run_id not in seen_gone:
+            gone_now.append(run.run_id)
             continue
         _stop_worker(run, worker_pid(context.instance, run))
         # Tagged first: the failed-partition sensor leaves this run's partitions to its re-run.
@@ -169,9 +182,10 @@ def recover_stale_runs(
                 tags={**tags, RECOVERS_TAG: run.run_id},
             )
         )
+    cursor = json.dumps(gone_now)
     if not requests:
-        return SkipReason("no stale sync runs")
-    return SensorResult(run_requests=requests)
+        return SensorResult(skip_reason="no stale sync runs", cursor=cursor)
+    return SensorResult(run_requests=requests, cursor=cursor)
 
 
 def contiguous_blocks(keys: list[str], order: list[str]) -> list[list[str]]:
