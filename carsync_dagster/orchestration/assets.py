@@ -283,7 +283,7 @@ class _NormalisingAhead:
     def __init__(
         self, landing: Landing, store: NormalisedStore, keys: Sequence[str], this_year: int
     ) -> None:
-        self._args = (landing, store, this_year)
+        self._landing, self._store, self._this_year = landing, store, this_year
         self._frames: dict[str, Future[Batch | None]] = {key: Future() for key in keys}
         self._room = threading.Semaphore(_NORMALISED_AHEAD)
         self._stop = threading.Event()
@@ -301,7 +301,6 @@ class _NormalisingAhead:
         self._thread.join()
 
     def _run(self, keys: list[str]) -> None:
-        landing, store, this_year = self._args
         started = time.perf_counter()
         try:
             for key in keys:
@@ -309,7 +308,7 @@ class _NormalisingAhead:
                 if self._stop.is_set():
                     return
                 try:
-                    row, batch = _normalise_timed(landing, store, key, this_year)
+                    row, batch = _normalise_timed(self._landing, self._store, key, self._this_year)
                 except BaseException as error:  # handed to the merge: it fails the step with it
                     self._frames[key].set_exception(error)
                     return
@@ -324,7 +323,7 @@ class _NormalisingAhead:
         batch = self._frames[key].result()
         del self._frames[key]  # the merge holds the frames now
         self._room.release()
-        return self._args[1].read(key) if batch is None else (batch.cars, batch.rejected)
+        return self._store.read(key) if batch is None else (batch.cars, batch.rejected)
 
 
 def _normalised_result(rows: list[dict[str, Any]], seconds: float) -> MaterializeResult[None]:

@@ -102,14 +102,17 @@ def _started_sync_runs(instance: DagsterInstance) -> list[DagsterRun]:
     return [r.dagster_run for r in records if r.dagster_run.job_name in SYNC_JOBS]
 
 
-_WORKER_GONE = "its worker process {pid} is gone"
+def _worker_gone(run: DagsterRun, pid: int | None) -> bool:
+    return _on_this_host(run) and pid is not None and not _alive(pid)
 
 
-def why_stale(instance: DagsterInstance, run: DagsterRun, stale_after: float) -> str | None:
-    """Why a STARTED run should be failed, or None while it looks healthy."""
-    pid = worker_pid(instance, run)
-    if _on_this_host(run) and pid is not None and not _alive(pid):
-        return _WORKER_GONE.format(pid=pid)
+def why_stale(
+    instance: DagsterInstance, run: DagsterRun, stale_after: float, pid: int | None
+) -> str | None:
+    """Why a STARTED run should be failed, or None while it looks healthy; `pid` is its
+    worker's (worker_pid)."""
+    if _worker_gone(run, pid):
+        return f"its worker process {pid} is gone"
     last = _last_event_time(instance, run.run_id)
     silent = time.time() - last if last is not None else 0.0
     if silent > stale_after:
@@ -128,7 +131,7 @@ def fail_dead_runs(instance: DagsterInstance) -> list[str]:
     the caller is about to sync), so they hold no pool slot. Returns their run ids."""
     failed = []
     for run in _started_sync_runs(instance):
-        reason = why_stale(instance, run, stale_after=float("inf"))
+        reason = why_stale(instance, run, float("inf"), worker_pid(instance, run))
         if reason is not None:
             fail_run(instance, run, f"carsync: {reason}")
             failed.append(run.run_id)
@@ -162,14 +165,14 @@ def recover_stale_runs(
     seen_gone: list[str] = json.loads(context.cursor or "[]")
     gone_now: list[str] = []
     for run in _started_sync_runs(context.instance):
-        reason = why_stale(context.instance, run, stale_after)
+        pid = worker_pid(context.instance, run)
+        reason = why_stale(context.instance, run, stale_after, pid)
         if reason is None:
             continue
-        worker_gone = reason == _WORKER_GONE.format(pid=worker_pid(context.instance, run))
-        if worker_gone and run.run_id not in seen_gone:
+        if _worker_gone(run, pid) and run.run_id not in seen_gone:
             gone_now.append(run.run_id)
             continue
-        _stop_worker(run, worker_pid(context.instance, run))
+        _stop_worker(run, pid)
         # Tagged first: the failed-partition sensor leaves this run's partitions to its re-run.
         context.instance.add_run_tags(run.run_id, {STALE_TAG: "true"})
         fail_run(context.instance, run, f"carsync stale-run sensor: {reason}")
