@@ -250,7 +250,15 @@ def normalised_and_cars(
     this_year = sync_year(warehouse, sync_id_of(context))
     started = time.perf_counter()
     if CARS not in selected:
-        rows = [_normalise_timed(landing, store, key, this_year)[0] for key in keys]
+        rows = []
+        with warehouse.connect(autocommit=True) as conn:
+            progress = _partition_progress(
+                context, conn, warehouse, sync_id_of(context), "normalise"
+            )
+            for key in keys:
+                rows.append(_normalise_timed(landing, store, key, this_year)[0])
+                progress.step_done()  # also the heartbeat the stale-run sensor listens for
+            progress.flush()
         yield _normalised_result(rows, time.perf_counter() - started)
         return
     with _NormalisingAhead(landing, store, keys, this_year) as ahead:
