@@ -10,14 +10,19 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import parse_qs, urlparse
 
 import httpx
+import orjson
 import pytest
 
 from carsync_dagster.simulator.process import RunningSimulator, start_simulator
 from carsync_dagster.source.client import ListingsClient, RetryPolicy, check_page, parse_page
 from carsync_dagster.source.errors import ApiError, RetryableApiError
 from carsync_dagster.source.extract import PartitionPages, fetch_partitions
+from carsync_dagster.source.landing import Landing
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +75,8 @@ def test_what_the_fast_check_refuses_goes_the_long_way() -> None:
     assert (page.record_count, page.last_page, page.total) == (2, 2, 2)
 
 
-def test_the_client_fetches_every_page(sim: RunningSimulator) -> None:
+def test_the_client_fetches_every_page(sim: RunningSimulator, tmp_path: Path) -> None:
+    landing = Landing(tmp_path)
     landed: dict[str, int] = {}
 
     async def fetch() -> ListingsClient:
@@ -81,8 +87,10 @@ def test_the_client_fetches_every_page(sim: RunningSimulator) -> None:
                 client,
                 parts,
                 100,
-                lambda part, pages, _: landed.update(
-                    {part.key: sum(p.record_count for p in pages)}
+                lambda part: landing.writer(
+                    part.key,
+                    "s",
+                    on_landed=lambda done: landed.update({done.partition_key: done.records}),
                 ),
             )
             page = await client.get_page(2, 100)
@@ -92,6 +100,83 @@ def test_the_client_fetches_every_page(sim: RunningSimulator) -> None:
     client = asyncio.run(fetch())
     assert landed == {"a": 1_700, "b": 1_600}
     assert client.stats.retries == 0
+    assert landing.records("a")[:100] == parse_page(1, _body(sim, 1), 0.1).records
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "a.json",
+        "a.ndjson",
+        "b.json",
+        "b.ndjson",
+    ]
+
+
+def _page_body(number: int, last_page: int) -> bytes:
+    records = [{"id": f"car-{number}-{i}"} for i in range(3)]
+    return orjson.dumps({"data": records, "meta": {"last_page": last_page, "total": 3 * last_page}})
+
+
+def test_pages_land_in_page_order_whatever_order_they_arrive_in(tmp_path: Path) -> None:
+    landing = Landing(tmp_path)
+    pages = [check_page(n, _page_body(n, 4), 0.1) for n in (3, 1, 4, 2)]
+    landed = landing.write("p", "s", pages, 1.0)
+    assert [r["id"] for r in landing.records("p")] == [
+        f"car-{n}-{i}" for n in range(1, 5) for i in range(3)
+    ]
+    in_order = landing.write("p", "s", sorted(pages, key=lambda page: page.number), 1.0)
+    assert (landed.pages, landed.records, landed.digest) == (4, 12, in_order.digest)
+    writer = landing.writer("q", "s")
+    writer.add(pages[0])
+    writer.discard()  # a failed fetch: nothing of it stays
+    assert landing.manifest("q") is None
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["p.json", "p.ndjson"]
+
+
+class _SlowFirstPages(BaseHTTPRequestHandler):
+    """Pages of 3 records; the first page of each of the first 8 partitions (20 pages each)
+    is answered 429 with Retry-After: 1 the first time it is asked for."""
+
+    protocol_version = "HTTP/1.1"
+    refused: ClassVar[set[int]] = set()
+    lock = threading.Lock()
+
+    def do_GET(self) -> None:
+        number = int(parse_qs(urlparse(self.path).query)["page"][0])
+        with self.lock:
+            refuse = number % 20 == 1 and number < 160 and number not in self.refused
+            self.refused.add(number)
+        status, body = (429, b"{}") if refuse else (200, _page_body(number, 200))
+        self.send_response(status)
+        if refuse:
+            self.send_header("Retry-After", "1")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_partitions_waiting_on_a_retry_hold_back_only_themselves(tmp_path: Path) -> None:
+    """Eight partitions each wait a second for one page; the two after them are fetched and
+    landed meanwhile (they used to wait, as only eight partitions were fetched at once)."""
+    landing, order = Landing(tmp_path), []
+    parts = [PartitionPages(f"p{i:02}", 20 * i + 1, 20 * i + 20) for i in range(10)]
+    with _local_server(_SlowFirstPages) as base_url:
+
+        async def fetch() -> None:
+            async with ListingsClient(base_url, "key", concurrency=16) as client:
+                await fetch_partitions(
+                    client,
+                    parts,
+                    3,
+                    lambda part: landing.writer(
+                        part.key, "s", on_landed=lambda done: order.append(done.partition_key)
+                    ),
+                )
+
+        asyncio.run(fetch())
+    assert sorted(order[:2]) == ["p08", "p09"], order
+    assert all(landing.manifest(part.key).pages == 20 for part in parts)  # type: ignore[union-attr]
 
 
 class _ClosesAfterEachAnswer(BaseHTTPRequestHandler):

@@ -44,9 +44,8 @@ from carsync_dagster import transform
 from carsync_dagster.orchestration.partitions import page_range, page_ranges
 from carsync_dagster.orchestration.progress import Progress, throughput_chart
 from carsync_dagster.orchestration.resources import ListingsApiResource, WarehouseResource
-from carsync_dagster.source.client import Page
 from carsync_dagster.source.extract import PartitionPages, fetch_partitions
-from carsync_dagster.source.landing import Landing
+from carsync_dagster.source.landing import LandedPartition, Landing
 from carsync_dagster.transform import Batch, normalise
 from carsync_dagster.warehouse import syncs
 from carsync_dagster.warehouse.load import merge_batches
@@ -142,14 +141,13 @@ def fetch_pages(
                 )
                 rows: list[dict[str, Any]] = []
 
-                def land(partition: PartitionPages, pages: list[Page], seconds: float) -> None:
-                    landed = landing.write(partition.key, sync_id, pages, seconds)
+                def land(landed: LandedPartition) -> None:
                     rows.append(
                         {
-                            "partition": partition.key,
+                            "partition": landed.partition_key,
                             "pages": landed.pages,
                             "records": landed.records,
-                            "seconds": round(seconds, 3),
+                            "seconds": round(landed.seconds, 3),
                         }
                     )
 
@@ -157,7 +155,7 @@ def fetch_pages(
                     client,
                     todo,
                     settings.page_size,
-                    land,
+                    lambda partition: landing.writer(partition.key, sync_id, on_landed=land),
                     on_page=progress.page_done,
                     concurrency=settings.concurrency,
                 )

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from carsync_dagster.source.client import ListingsClient, Page
 
@@ -17,43 +18,67 @@ class PartitionPages:
     last_page: int
 
 
+class PartitionSink(Protocol):
+    """Where a partition's pages go as they arrive (a `LandingWriter`)."""
+
+    def add(self, page: Page) -> object: ...
+    def complete(self, seconds: float) -> object: ...
+    def discard(self) -> object: ...
+
+
+# Pages asked for and not yet answered, per request slot: enough that pages waiting out a
+# Retry-After or a hedged hang never leave the slots idle.
+_UNANSWERED_PER_SLOT = 8
+
+
 async def fetch_partitions(
     client: ListingsClient,
     partitions: Sequence[PartitionPages],
     per_page: int,
-    on_complete: Callable[[PartitionPages, list[Page], float], None],
+    open_sink: Callable[[PartitionPages], PartitionSink],
     on_page: Callable[[Page], None] | None = None,
     concurrency: int = 16,
 ) -> None:
-    """Fetch every page of `partitions`, handing each partition over as soon as it is complete.
+    """Fetch every page of `partitions` into a sink each, completing each partition as soon as
+    its last page arrives.
 
-    Only a few partitions are in flight at once (enough to keep `concurrency` requests busy
-    while some wait on retries), so a slow page holds back its own partition, never the whole
-    feed in memory; pages are checked and kept as raw bodies only.
-    The first error that is not retried cancels the rest."""
-    pages_each = max(1, max((p.last_page - p.first_page + 1 for p in partitions), default=1))
-    in_flight = asyncio.Semaphore(max(8, -(-8 * concurrency // pages_each)))
+    Partitions start in order while fewer than `_UNANSWERED_PER_SLOT * concurrency` pages are
+    unanswered, however many partitions that spans: a partition waiting on one slow page holds
+    back nothing but itself, and its other pages wait in its sink (on disk), not in memory.
+    The first error that is not retried cancels the rest; the sinks of unfinished partitions
+    are discarded."""
+    unanswered = asyncio.Semaphore(_UNANSWERED_PER_SLOT * concurrency)
+    open_sinks: dict[str, PartitionSink] = {}
+    remaining: dict[str, int] = {}
 
-    async def fetch_page(number: int) -> Page:
-        page = await client.get_page(number, per_page, with_records=False)
+    async def fetch_page(partition: PartitionPages, number: int, started: float) -> None:
+        try:
+            page = await client.get_page(number, per_page, with_records=False)
+        finally:
+            unanswered.release()
+        open_sinks[partition.key].add(page)
         if on_page is not None:
             on_page(page)
-        return page
+        remaining[partition.key] -= 1
+        if remaining[partition.key] == 0:
+            open_sinks.pop(partition.key).complete(time.perf_counter() - started)
 
-    async def fetch_partition(partition: PartitionPages) -> None:
-        async with in_flight:
-            started = time.perf_counter()
-            async with asyncio.TaskGroup() as group:
-                tasks = [
-                    group.create_task(fetch_page(number))
-                    for number in range(partition.first_page, partition.last_page + 1)
-                ]
-            pages = [task.result() for task in tasks]
-            on_complete(partition, pages, time.perf_counter() - started)
-
-    async with asyncio.TaskGroup() as group:
-        for partition in partitions:
-            group.create_task(fetch_partition(partition))
+    try:
+        async with asyncio.TaskGroup() as group:
+            for partition in partitions:
+                numbers = range(partition.first_page, partition.last_page + 1)
+                sink = open_sink(partition)
+                if not numbers:  # past the feed's last page: landed empty
+                    sink.complete(0.0)
+                    continue
+                open_sinks[partition.key], remaining[partition.key] = sink, len(numbers)
+                started = time.perf_counter()
+                for number in numbers:
+                    await unanswered.acquire()
+                    group.create_task(fetch_page(partition, number, started))
+    finally:
+        for sink in open_sinks.values():
+            sink.discard()
 
 
 async def fetch_updated_since(

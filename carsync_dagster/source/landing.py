@@ -1,14 +1,15 @@
 """Landed pages: the raw page bodies of one partition, kept until the next sync lands it again.
 
 One file per partition, one page body per line, plus a small manifest written last (by rename),
-so a partition either is landed completely or not at all.
+so a partition either is landed completely or not at all. Pages are spooled to disk as they
+arrive, so a partition that waits on a slow page holds none of its bodies in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,37 +33,33 @@ class Landing:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def _data_path(self, key: str) -> Path:
+    def data_path(self, key: str) -> Path:
         return self.root / f"{key}.ndjson"
 
-    def _manifest_path(self, key: str) -> Path:
+    def manifest_path(self, key: str) -> Path:
         return self.root / f"{key}.json"
 
     def manifest(self, key: str) -> LandedPartition | None:
         try:
-            return LandedPartition(**orjson.loads(self._manifest_path(key).read_bytes()))
+            return LandedPartition(**orjson.loads(self.manifest_path(key).read_bytes()))
         except FileNotFoundError:
             return None
+
+    def writer(
+        self,
+        key: str,
+        sync_id: str,
+        on_landed: Callable[[LandedPartition], None] | None = None,
+    ) -> LandingWriter:
+        return LandingWriter(self, key, sync_id, on_landed)
 
     def write(
         self, key: str, sync_id: str, pages: Sequence[Page], seconds: float
     ) -> LandedPartition:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._manifest_path(key).unlink(missing_ok=True)
-        tmp = self._data_path(key).with_name(f"{key}.ndjson.tmp")
-        digest = hashlib.blake2b(digest_size=16)
-        with tmp.open("wb") as out:
-            for page in sorted(pages, key=lambda p: p.number):
-                # A raw newline can only be white space between JSON tokens (inside strings it is
-                # escaped), so replacing it keeps the body's meaning and makes it one line.
-                line = page.body.replace(b"\r", b" ").replace(b"\n", b" ") + b"\n"
-                out.write(line)
-                digest.update(line)
-        os.replace(tmp, self._data_path(key))
-        records = sum(p.record_count for p in pages)
-        landed = LandedPartition(key, sync_id, len(pages), records, seconds, digest.hexdigest())
-        _atomic_write(self._manifest_path(key), orjson.dumps(asdict(landed)))
-        return landed
+        writer = self.writer(key, sync_id)
+        for page in pages:
+            writer.add(page)
+        return writer.complete(seconds)
 
     def records(self, key: str) -> list[Any]:
         """Every record of the partition's landed pages, in page order."""
@@ -76,10 +73,63 @@ class Landing:
         return records
 
     def _lines(self, key: str) -> Iterator[bytes]:
-        with self._data_path(key).open("rb") as landed:
+        with self.data_path(key).open("rb") as landed:
             for line in landed:
                 if line.strip():
                     yield line
+
+
+class LandingWriter:
+    """One partition's pages, spooled in the order they arrive and landed in page order."""
+
+    def __init__(
+        self,
+        landing: Landing,
+        key: str,
+        sync_id: str,
+        on_landed: Callable[[LandedPartition], None] | None,
+    ) -> None:
+        landing.root.mkdir(parents=True, exist_ok=True)
+        self._landing, self._key, self._sync_id, self._on_landed = landing, key, sync_id, on_landed
+        self._spool_path = landing.root / f"{key}.spool"
+        self._spool = self._spool_path.open("w+b")
+        self._spooled: list[tuple[int, int, int]] = []  # (page number, offset, length)
+        self._records = 0
+
+    def add(self, page: Page) -> None:
+        # A raw newline can only be white space between JSON tokens (inside strings it is
+        # escaped), so replacing it keeps the body's meaning and makes it one line.
+        line = page.body.replace(b"\r", b" ").replace(b"\n", b" ") + b"\n"
+        self._spooled.append((page.number, self._spool.tell(), len(line)))
+        self._spool.write(line)
+        self._records += page.record_count
+
+    def complete(self, seconds: float) -> LandedPartition:
+        landing, key = self._landing, self._key
+        self._spool.flush()
+        landing.manifest_path(key).unlink(missing_ok=True)
+        data = landing.data_path(key)
+        tmp = data.with_name(f"{key}.ndjson.tmp")
+        digest = hashlib.blake2b(digest_size=16)
+        with tmp.open("wb") as out:
+            for _, offset, length in sorted(self._spooled):
+                line = os.pread(self._spool.fileno(), length, offset)
+                out.write(line)
+                digest.update(line)
+        os.replace(tmp, data)
+        landed = LandedPartition(
+            key, self._sync_id, len(self._spooled), self._records, seconds, digest.hexdigest()
+        )
+        _atomic_write(landing.manifest_path(key), orjson.dumps(asdict(landed)))
+        self.discard()
+        if self._on_landed is not None:
+            self._on_landed(landed)
+        return landed
+
+    def discard(self) -> None:
+        """Drop the spool: the partition was landed, or its fetch failed."""
+        self._spool.close()
+        self._spool_path.unlink(missing_ok=True)
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:
