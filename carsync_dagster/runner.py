@@ -19,7 +19,6 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
-from psycopg import sql
 
 from carsync_dagster.settings import Settings
 from carsync_dagster.source.errors import ApiError
@@ -68,11 +67,7 @@ def open_database(settings: Settings) -> Iterator[str]:
             server = start_embedded_postgres(settings.data_path)
             stack.callback(server.cleanup)
             database_url = embedded_database_url(server)
-        migrate(database_url, settings.schema_name)
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(DAGSTER_SCHEMA))
-            )
+        migrate(database_url, settings.schema_name, other_schemas=[DAGSTER_SCHEMA])
         yield database_url
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 
@@ -16,6 +17,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, "0001_initial.sql"),
     (2, "0002_history_seen_watermark.sql"),
     (3, "0003_key_staging.sql"),
+    (4, "0004_seen_ids_unindexed.sql"),
 )
 
 
@@ -29,14 +31,17 @@ def set_search_path(conn: psycopg.Connection, schema: str) -> None:
     conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
 
 
-def migrate(conninfo: str, schema: str) -> list[int]:
-    """Bring `schema` up to date; returns the versions applied now (empty when current)."""
+def migrate(conninfo: str, schema: str, *, other_schemas: Sequence[str] = ()) -> list[int]:
+    """Bring `schema` up to date; returns the versions applied now (empty when current).
+    `other_schemas` (Dagster's storage) are created under the same lock: two concurrent
+    `CREATE SCHEMA IF NOT EXISTS` can both find it missing, and one then fails."""
     applied: list[int] = []
     with psycopg.connect(conninfo, autocommit=True) as conn:
         # Session lock: concurrent starts wait here instead of racing on CREATE.
         conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
         try:
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            for name in (schema, *other_schemas):
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(name)))
             conn.execute(
                 sql.SQL(
                     "CREATE TABLE IF NOT EXISTS {}.schema_migrations ("
