@@ -56,12 +56,11 @@ def _settings(**flags: object) -> Settings:
 
 def _print_progress(row: dict[str, Any], started: float) -> None:
     progress = (row.get("summary") or {}).get("progress") or {}
-    stage, done, total = (
-        progress.get("stage", "start"),
-        progress.get("done", 0),
-        progress.get("total", 0),
-    )
     elapsed = max(time.perf_counter() - started, 1e-6)
+    if not progress:  # the run is being launched: no stage has counted anything yet
+        err.print(f"starting  {elapsed:.1f}s: launching the Dagster run", markup=False)
+        return
+    stage, done, total = progress["stage"], progress["done"], progress["total"]
     pages, records = row.get("pages_done") or 0, row.get("records_done") or 0
     unit = "pages" if stage == "fetch" else "partitions"
     eta = ""

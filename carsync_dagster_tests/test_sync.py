@@ -52,6 +52,7 @@ def test_sync_is_exact_then_writes_nothing_then_counts_changes(
     assert differences(truth, database_url) == []
     assert simulator.api_key not in run.stdout + run.stderr
     assert "pages/s" in run.stderr, "progress lines go to stderr while the sync runs"
+    assert " 0/0 " not in run.stderr, "before any stage counts, the line says the run launches"
     assert tables_holding(database_url, simulator.api_key) == []
     assert first["inserted"] == len(truth["cars"])
     assert first["rejected"] == len(truth["rejected"])
