@@ -164,7 +164,8 @@ def test_partitions_waiting_on_a_retry_hold_back_only_themselves(tmp_path: Path)
     with _local_server(_SlowFirstPages) as base_url:
 
         async def fetch() -> None:
-            async with ListingsClient(base_url, "key", concurrency=16) as client:
+            # A fixed pace: the rate finder would read the 429s as a limit and slow everyone.
+            async with ListingsClient(base_url, "key", concurrency=16, rps=1000) as client:
                 await fetch_partitions(
                     client,
                     parts,
