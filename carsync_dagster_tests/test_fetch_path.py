@@ -130,6 +130,17 @@ def test_pages_land_in_page_order_whatever_order_they_arrive_in(tmp_path: Path) 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["p.json", "p.ndjson"]
 
 
+def _answer(
+    handler: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str] | None = None
+) -> None:
+    handler.send_response(status)
+    for name, value in {**(headers or {}), "Content-Type": "application/json"}.items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class _SlowFirstPages(BaseHTTPRequestHandler):
     """Pages of 3 records; the first page of each of the first 8 partitions (20 pages each)
     is answered 429 with Retry-After: 1 the first time it is asked for."""
@@ -143,14 +154,10 @@ class _SlowFirstPages(BaseHTTPRequestHandler):
         with self.lock:
             refuse = number % 20 == 1 and number < 160 and number not in self.refused
             self.refused.add(number)
-        status, body = (429, b"{}") if refuse else (200, _page_body(number, 200))
-        self.send_response(status)
         if refuse:
-            self.send_header("Retry-After", "1")
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+            _answer(self, 429, b"{}", {"Retry-After": "1"})
+        else:
+            _answer(self, 200, _page_body(number, 200))
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -187,11 +194,7 @@ class _ClosesAfterEachAnswer(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(_EMPTY_PAGE)))
-        self.end_headers()
-        self.wfile.write(_EMPTY_PAGE)
+        _answer(self, 200, _EMPTY_PAGE)
         self.close_connection = True
 
     def log_message(self, format: str, *args: object) -> None:
@@ -258,12 +261,7 @@ class _HangThenFail(BaseHTTPRequestHandler):
             number = self.served
         if number == 1:
             time.sleep(8)
-        status, body = (503, b"{}") if number in (2, 3) else (200, _EMPTY_PAGE)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        _answer(self, *((503, b"{}") if number in (2, 3) else (200, _EMPTY_PAGE)))
 
     def log_message(self, format: str, *args: object) -> None:
         pass
