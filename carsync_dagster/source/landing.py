@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from carsync_dagster.files import replacing
 from carsync_dagster.source.client import Page, parse_json
 
 
@@ -108,19 +109,17 @@ class LandingWriter:
         landing, key = self._landing, self._key
         self._spool.flush()
         landing.manifest_path(key).unlink(missing_ok=True)
-        data = landing.data_path(key)
-        tmp = data.with_name(f"{key}.ndjson.tmp")
         digest = hashlib.blake2b(digest_size=16)
-        with tmp.open("wb") as out:
+        with replacing(landing.data_path(key)) as tmp, tmp.open("wb") as out:
             for _, offset, length in sorted(self._spooled):
                 line = os.pread(self._spool.fileno(), length, offset)
                 out.write(line)
                 digest.update(line)
-        os.replace(tmp, data)
         landed = LandedPartition(
             key, self._sync_id, len(self._spooled), self._records, seconds, digest.hexdigest()
         )
-        _atomic_write(landing.manifest_path(key), orjson.dumps(asdict(landed)))
+        with replacing(landing.manifest_path(key)) as tmp:
+            tmp.write_bytes(orjson.dumps(asdict(landed)))
         self.discard()
         if self._on_landed is not None:
             self._on_landed(landed)
@@ -130,9 +129,3 @@ class LandingWriter:
         """Drop the spool: the partition was landed, or its fetch failed."""
         self._spool.close()
         self._spool_path.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)

@@ -7,11 +7,12 @@ need not be normalised again.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import orjson
 import polars as pl
+
+from carsync_dagster.files import replacing
 
 
 class NormalisedStore:
@@ -29,14 +30,12 @@ class NormalisedStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._source_path(key).unlink(missing_ok=True)
         for part, frame in (("cars", cars), ("rejected", rejected)):
-            tmp = self._path(key, part).with_name(f"{key}.{part}.parquet.tmp")
-            # Uncompressed: these files live minutes and are read once; speed beats size here.
-            frame.write_parquet(tmp, compression="uncompressed", statistics=False)
-            os.replace(tmp, self._path(key, part))
+            with replacing(self._path(key, part)) as tmp:
+                # Uncompressed: these files live minutes and are read once; speed beats size.
+                frame.write_parquet(tmp, compression="uncompressed", statistics=False)
         made = {"source": source, "rows": cars.height, "rejected": rejected.height}
-        tmp = self._source_path(key).with_name(f"{key}.source.json.tmp")
-        tmp.write_bytes(orjson.dumps(made))
-        os.replace(tmp, self._source_path(key))
+        with replacing(self._source_path(key)) as tmp:
+            tmp.write_bytes(orjson.dumps(made))
 
     def reusable(self, key: str, source: str) -> tuple[int, int] | None:
         """(rows, rejected) of the partition when it was made from `source`, else None."""
