@@ -10,9 +10,11 @@ JSON and PNG plots to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -46,6 +48,63 @@ def _pss(process: psutil.Process) -> int:
         return int(process.memory_full_info().pss)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return 0
+
+
+def _own_cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def _server_cpu(postmaster: psutil.Process) -> float:
+    """The postmaster's CPU with that of every backend it started, live or ended."""
+    times = postmaster.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system
+    for backend in postmaster.children():
+        with contextlib.suppress(psutil.NoSuchProcess):  # ended: now in children_user/system
+            total += _own_cpu(backend)
+    return total
+
+
+def local_postmaster(database_url: str) -> psutil.Process | None:
+    """The PostgreSQL server's main process, when it runs on this machine (else None)."""
+    with psycopg.connect(database_url) as conn:  # open while its backend is looked up
+        row = conn.execute("SELECT pg_backend_pid(), pg_postmaster_start_time()").fetchone()
+        assert row is not None
+        try:
+            postmaster = psutil.Process(row[0]).parent()
+            # The pid is the server's: on another machine it may name an unrelated process here.
+            if postmaster is None or abs(postmaster.create_time() - row[1].timestamp()) > 2:
+                return None
+            _server_cpu(postmaster)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
+    return postmaster
+
+
+class CpuMeter:
+    """Core-seconds of CPU used while a run lasts: by the tool (the processes this benchmark
+    started and waited for), the simulator, and PostgreSQL (None unless on this machine). On a
+    machine of N cores a run cannot take less than their sum / N seconds."""
+
+    def __init__(self, postmaster: psutil.Process | None) -> None:
+        self.postmaster = postmaster
+
+    def read(self, simulator: RunningSimulator) -> dict[str, float | None]:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {
+            "tool": children.ru_utime + children.ru_stime,
+            "simulator": _own_cpu(psutil.Process(simulator.process.pid)),
+            "postgres": _server_cpu(self.postmaster) if self.postmaster else None,
+        }
+
+    @staticmethod
+    def used(before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, Any]:
+        used = {
+            name: None if start is None or end is None else round(end - start, 2)
+            for (name, start), end in zip(before.items(), after.values(), strict=True)
+        }
+        known = [value for value in used.values() if value is not None]
+        return {**used, "total": round(sum(known), 2) if len(known) == len(used) else None}
 
 
 def run_measured(command: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
@@ -118,6 +177,7 @@ class Bench:
 
     def __init__(self, workdir: Path, database_url: str) -> None:
         self.workdir, self.database_url = workdir, database_url
+        self.cpu = CpuMeter(local_postmaster(database_url))
 
     def env(self, simulator: RunningSimulator, **settings: str) -> dict[str, str]:
         """The key and the database URL travel in the environment only, never in argv."""
@@ -191,17 +251,21 @@ class Bench:
     def observed(
         self, simulator: RunningSimulator, schema: str, run: Callable[[], dict[str, Any]]
     ) -> dict[str, Any]:
-        """`run` plus the rows of `schema`.cars it wrote and the API's admitted requests/s."""
+        """`run` plus the rows of `schema`.cars it wrote, the API's admitted requests/s and the
+        core-seconds of CPU used meanwhile."""
         before = self.row_versions(schema)
         simulator.control.reset_stats()
+        cpu_before = self.cpu.read(simulator)
         started = time.time()
         result = run()
         ended = time.time()
+        cpu = self.cpu.used(cpu_before, self.cpu.read(simulator))
         admitted = simulator.control.stats()["admitted_per_second"]  # epoch second → requests
         after = self.row_versions(schema)
         return {
             **result,
             "rows_written": sum(before.get(car_id) != xmin for car_id, xmin in after.items()),
+            "cpu_seconds": cpu,
             # Second n of the list is second n since the run started (pages, for list calls).
             "pages_per_second": [
                 admitted.get(str(s), 0) for s in range(int(started), int(ended) + 1)
@@ -324,16 +388,10 @@ def run_all(
         results["new_instance_seconds"] = bench.new_instance(simulator)
         schema = bench.cold("carsync_bench")
 
-        def full_sync() -> dict[str, Any]:
-            with ReaderLoop(bench.database_url, schema) as reader:
-                run = bench.sync(simulator, schema)
-            return {
-                **run,
-                "reader_p99_ms": reader.p99_ms(),
-                "reader_queries": len(reader.latencies),
-            }
-
-        results["full_sync"] = bench.observed(simulator, schema, full_sync)
+        # Every tool's full sync runs alone on the machine; the readers get a run of their own.
+        results["full_sync"] = bench.observed(
+            simulator, schema, lambda: bench.sync(simulator, schema)
+        )
         results["unchanged_resync"] = bench.observed(
             simulator, schema, lambda: bench.sync(simulator, schema)
         )
@@ -349,6 +407,7 @@ def run_all(
                 ),
             }
         results["bare_fetch"] = bench.bare_fetch(simulator)
+        results["full_sync_with_readers"] = with_readers(bench, simulator)
         simulator.control.mutate(update=cars // 100)
         results["incremental_1pct"] = bench.observed(
             simulator, schema, lambda: bench.sync(simulator, schema, "--incremental")
@@ -368,6 +427,18 @@ def run_all(
     return results
 
 
+def with_readers(bench: Bench, simulator: RunningSimulator) -> dict[str, Any]:
+    """A cold full sync while the web app queries the same cars: the readers' latencies."""
+    schema = bench.cold("carsync_bench_readers")
+
+    def full_sync() -> dict[str, Any]:
+        with ReaderLoop(bench.database_url, schema) as reader:
+            run = bench.sync(simulator, schema)
+        return {**run, "reader_p99_ms": reader.p99_ms(), "reader_queries": len(reader.latencies)}
+
+    return bench.observed(simulator, schema, full_sync)
+
+
 def cold_and_unchanged(
     bench: Bench, simulator: RunningSimulator, schema: str, load: Callable[[], dict[str, Any]]
 ) -> dict[str, Any]:
@@ -375,12 +446,17 @@ def cold_and_unchanged(
     return {kind: bench.observed(simulator, schema, load) for kind in PEER_RUNS}
 
 
+def _core_seconds(run: dict[str, Any]) -> str:
+    total = run["cpu_seconds"]["total"]
+    return "-" if total is None else f"{total:.1f}"
+
+
 def report(results: dict[str, Any]) -> None:
     cars = results["cars"]
-    line = "{:<9}{:<18}{:>9}{:>9}{:>10}{:>13}{:>14}{:>9}{:>12}"
+    line = "{:<9}{:<18}{:>9}{:>9}{:>8}{:>10}{:>13}{:>14}{:>9}{:>12}"
     print(
         line.format(
-            "tool", "run", "seconds", "wall s", "rows/s", "peak PSS MB", "rows written",
+            "tool", "run", "seconds", "wall s", "core-s", "rows/s", "peak PSS MB", "rows written",
             "retries", "vs carsync",
         )
     )  # fmt: skip
@@ -399,6 +475,7 @@ def report(results: dict[str, Any]) -> None:
                 name,
                 f"{run['seconds']:.2f}",
                 f"{run['wall_seconds']:.2f}",
+                _core_seconds(run),
                 f"{run.get('cars', cars) / run['wall_seconds']:,.0f}",
                 f"{run['peak_pss_mb']:.1f}",
                 f"{run['rows_written']:,}",
@@ -411,10 +488,22 @@ def report(results: dict[str, Any]) -> None:
         " rows/s and the ratios use"
     )
     print("rows written: rows of the tool's own cars table that got a new xmin in the run")
-    full, unchanged = results["full_sync"], results["unchanged_resync"]
     print(
-        f"reader p99 during the full sync's merge: {full['reader_p99_ms']} ms over "
-        f"{full['reader_queries']} point+range queries (target <= 50 ms)"
+        f"core-s: CPU used during the run by the tool, the simulator and PostgreSQL; on this"
+        f" machine's {os.cpu_count()} cores no run can take less than core-s / {os.cpu_count()}"
+    )
+    for tool, tool_runs in [("carsync", results), *results.get("peers", {}).items()]:
+        used = tool_runs["full_sync"]["cpu_seconds"]
+        print(
+            f"  {tool} full sync: tool {used['tool']}, simulator {used['simulator']},"
+            f" PostgreSQL {used['postgres']} core-s"
+        )
+    full, unchanged = results["full_sync"], results["unchanged_resync"]
+    readers = results["full_sync_with_readers"]
+    print(
+        f"readers: a full sync of its own took {readers['wall_seconds']:.2f} s while the web app"
+        f" queried cars; their p99 {readers['reader_p99_ms']} ms over"
+        f" {readers['reader_queries']} point+range queries (target <= 50 ms)"
     )
     print(
         f"unchanged re-sync: {unchanged['rows_written']} rows of cars written (by xmin); "

@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
 
 
 def test_benchmark_prints_figures(database_url: str, tmp_path: Path) -> None:
@@ -31,7 +34,26 @@ def test_benchmark_prints_figures(database_url: str, tmp_path: Path) -> None:
     assert figures["unchanged_resync"]["rows_written"] == 0
     assert figures["incremental_1pct"]["updated"] == 30
     assert figures["incremental_1pct"]["rows_written"] == 30
-    assert figures["full_sync"]["reader_queries"] > 0
+    readers = figures["full_sync_with_readers"]
+    assert readers["reader_queries"] > 0 and readers["inserted"] == figures["full_sync"]["inserted"]
+    # CPU is counted for the tool (its own processes), the simulator and PostgreSQL when it runs
+    # on this machine (the embedded one does).
+    local = urlsplit(database_url).hostname in (None, "", "localhost", "127.0.0.1")
+    for run in (figures["full_sync"], figures["unchanged_resync"]):
+        used = run["cpu_seconds"]
+        assert used["tool"] > 0.3 and used["simulator"] > 0
+        if local:
+            assert used["postgres"] > 0
+            assert used["total"] == pytest.approx(
+                sum(used[k] for k in ("tool", "simulator", "postgres"))
+            )
+        else:
+            assert used["postgres"] is None and used["total"] is None
+    # The peers' processes are theirs alone: dlt's pipeline costs more CPU than the seed script.
+    peer_cpu = {
+        tool: figures["peers"][tool]["full_sync"]["cpu_seconds"] for tool in ("seed", "dlt")
+    }
+    assert peer_cpu["dlt"]["tool"] > peer_cpu["seed"]["tool"] > 0
     # The floor read the same 30 pages, about 60 KB each, and wrote nothing.
     assert figures["bare_fetch"]["pages"] >= 30
     assert figures["bare_fetch"]["bytes"] > 30 * 30_000
