@@ -73,7 +73,7 @@ def objects(values: list[object]) -> list[dict[str, Any]]:
 
 def text_series(values: list[object]) -> pl.Series:
     if not set(map(type, values)) <= {str, _NONE}:
-        values = list(map(as_text, values))
+        values = [value if type(value) is str else as_text(value) for value in values]
     try:
         return pl.Series(values, dtype=pl.String)
     except UnicodeEncodeError:  # lone surrogates, which the stdlib json parser lets through
@@ -82,27 +82,25 @@ def text_series(values: list[object]) -> pl.Series:
 
 
 def integer_series(values: list[object]) -> pl.Series:
-    ints = _int64(values)
-    return ints if ints is not None else pl.Series(list(map(as_integer, values)), dtype=pl.Int64)
+    ints, others = _plain_ints(values)
+    return _patched(ints, others, [as_integer(values[i]) for i in others])
 
 
 def price_series(values: list[object]) -> pl.Series:
-    ints = _int64(values)
-    if ints is not None:
-        return _where(ints >= 0, ints.cast(pl.String))
-    return pl.Series(list(map(as_price_text, values)), dtype=pl.String)
+    ints, others = _plain_ints(values)
+    texts = _where(ints >= 0, ints.cast(pl.String))
+    return _patched(texts, others, [as_price_text(values[i]) for i in others])
 
 
 def mileage_series(values: list[object]) -> tuple[pl.Series, pl.Series]:
     """Kilometres if the unit is km, and if it is mi; both null unless a number >= 0."""
-    ints = _int64(values)
-    if ints is not None:
-        km = _where(ints >= 0, ints.clip(upper_bound=BEYOND_RANGE))
-        return km, (km * 1_609_344 + 500_000) // 1_000_000
-    pairs = list(map(as_kilometres, values))
+    ints, others = _plain_ints(values)
+    km = _where(ints >= 0, ints)
+    from_miles = (km * 1_609_344 + 500_000) // 1_000_000
+    pairs = [as_kilometres(values[i]) for i in others]
     return (
-        pl.Series([km for km, _ in pairs], dtype=pl.Int64),
-        pl.Series([km for _, km in pairs], dtype=pl.Int64),
+        _patched(km, others, [km for km, _ in pairs]),
+        _patched(from_miles, others, [km for _, km in pairs]),
     )
 
 
@@ -128,14 +126,26 @@ def _valid_unicode_lists(lists: list[Any]) -> list[Any]:
     return [None if items is None else list(map(valid_unicode, items)) for items in lists]
 
 
-def _int64(values: list[object]) -> pl.Series | None:
-    """An Int64 series when every value is a Python int (not bool) or None that fits."""
-    if not set(map(type, values)) <= {int, _NONE}:
-        return None
-    try:
-        return pl.Series(values, dtype=pl.Int64)
-    except (TypeError, OverflowError):  # an int beyond 64 bits
-        return None
+def _plain_ints(values: list[object]) -> tuple[pl.Series, list[int]]:
+    """Int64 of the values that are ints (not bools) within ±BEYOND_RANGE, null elsewhere, and
+    the positions of the other values that are not None: few, so only they take the slow path."""
+    others = [
+        i
+        for i, value in enumerate(values)
+        if not (value is None or (type(value) is int and -BEYOND_RANGE <= value <= BEYOND_RANGE))
+    ]
+    if others:
+        values = values.copy()
+        for i in others:
+            values[i] = None
+    return pl.Series(values, dtype=pl.Int64), others
+
+
+def _patched(series: pl.Series, positions: list[int], values: list[Any]) -> pl.Series:
+    """series with values put at positions."""
+    if not positions:
+        return series
+    return series.scatter(positions, pl.Series(values, dtype=series.dtype))
 
 
 def _where(keep: pl.Series, values: pl.Series) -> pl.Series:
