@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from carsync_dagster_tests.conftest import carsync_env, use_dagster_home
 # One page_ranges_sync run in its own process, as a daemon's run worker would run it.
 RUN_RANGE = """
 import sys
+import threading
 from dagster import DagsterInstance
 from carsync_dagster.definitions import defs
 with DagsterInstance.get() as instance:
@@ -132,3 +134,41 @@ def test_a_killed_run_gives_back_its_pool_slot(
     failed = instance.get_run_by_id(record.dagster_run.run_id)
     assert failed is not None and failed.status == DagsterRunStatus.FAILURE
     assert instance.event_log_storage.get_concurrency_info(API_POOL).active_slot_count == 0
+
+
+def _start_together(instances: list[DagsterInstance]) -> list[Exception]:
+    """ensure_api_pool on every instance at once, each on a thread: the errors raised."""
+    barrier = threading.Barrier(len(instances))
+    errors: list[Exception] = []
+
+    def start(instance: DagsterInstance) -> None:
+        barrier.wait()
+        try:
+            ensure_api_pool(instance)
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=start, args=(instance,)) for instance in instances]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def test_processes_starting_together_create_the_api_pool_once(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`carsync sync` and `carsync ui` on a new instance both create the pool: neither fails,
+    and the pool has its one slot. (Before the fix, one of 6 failed in the first round.)"""
+    use_dagster_home(tmp_path / "dagster", database_url, monkeypatch)
+    instances = [DagsterInstance.get() for _ in range(6)]
+    try:
+        for _ in range(5):
+            instances[0].event_log_storage.delete_concurrency_limit(API_POOL)
+            assert _start_together(instances) == []
+            info = instances[0].event_log_storage.get_concurrency_info(API_POOL)
+            assert (info.slot_count, info.limit) == (1, 1)
+    finally:
+        for instance in instances:
+            instance.dispose()

@@ -20,6 +20,7 @@ from typing import Any
 
 import polars as pl
 import psycopg
+import sqlalchemy.exc
 from dagster import (
     AssetExecutionContext,
     AssetKey,
@@ -66,9 +67,20 @@ def ensure_api_pool(instance: DagsterInstance) -> None:
     """Create the pool's row at dagster.yaml's default limit before any run needs it: two runs
     starting together on a new instance would otherwise both insert it, and one would fail."""
     storage = instance.event_log_storage
+
+    def exists() -> bool:
+        return any(pool.name == API_POOL for pool in storage.get_pool_limits())
+
     # Only when missing: on Postgres, Dagster's initialiser fails on an existing row.
-    if all(pool.name != API_POOL for pool in storage.get_pool_limits()):
+    if exists():
+        return
+    try:
         storage.initialize_concurrency_limit_to_default(API_POOL)
+    except sqlalchemy.exc.DBAPIError:
+        # Another process (`carsync ui`, a sync of another schema) created it meanwhile: its
+        # insert committed first and aborted this one, which changed nothing.
+        if not exists():
+            raise
 
 
 # Every asset of the sync has page-range partitions, and a backfill of a range is one run.
