@@ -1,8 +1,8 @@
 """Records as parsed JSON → one typed polars column per source field.
 
-This is the only per-record Python work of the transform. Each column is first tried on a fast
-path (one polars conversion when every value already has the expected Python type) and only
-falls back to per-value Python conversion when some value does not.
+This is the only per-record Python work of the transform. The values that already have the
+expected Python type become a column in one polars conversion; only the others (a string year, a
+float price: a few per page) are converted one by one, and patched in.
 """
 
 import math
