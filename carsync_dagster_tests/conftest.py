@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -68,6 +69,27 @@ def carsync_env(workdir: Path, database_url: str, simulator: Any, **extra: str) 
     )
     env.update(extra)
     return env
+
+
+def errors_when_started_together(calls: Sequence[Callable[[], object]]) -> list[BaseException]:
+    """Every call on a thread of its own, all released at once by a barrier (two processes
+    starting at the same moment): the errors they raised."""
+    barrier = threading.Barrier(len(calls))
+    errors: list[BaseException] = []
+
+    def start(call: Callable[[], object]) -> None:
+        barrier.wait()
+        try:
+            call()
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=start, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
 
 
 def run_carsync(

@@ -3,11 +3,11 @@ ceiling for all of them together, and a killed run does not keep the pool's slot
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +20,15 @@ from carsync_dagster.orchestration.partitions import page_ranges
 from carsync_dagster.orchestration.recovery import fail_dead_runs
 from carsync_dagster.simulator.process import RunningSimulator, start_simulator
 from carsync_dagster.warehouse.schema import migrate
-from carsync_dagster_tests.conftest import carsync_env, use_dagster_home
+from carsync_dagster_tests.conftest import (
+    carsync_env,
+    errors_when_started_together,
+    use_dagster_home,
+)
 
 # One page_ranges_sync run in its own process, as a daemon's run worker would run it.
 RUN_RANGE = """
 import sys
-import threading
 from dagster import DagsterInstance
 from carsync_dagster.definitions import defs
 with DagsterInstance.get() as instance:
@@ -136,26 +139,6 @@ def test_a_killed_run_gives_back_its_pool_slot(
     assert instance.event_log_storage.get_concurrency_info(API_POOL).active_slot_count == 0
 
 
-def _start_together(instances: list[DagsterInstance]) -> list[Exception]:
-    """ensure_api_pool on every instance at once, each on a thread: the errors raised."""
-    barrier = threading.Barrier(len(instances))
-    errors: list[Exception] = []
-
-    def start(instance: DagsterInstance) -> None:
-        barrier.wait()
-        try:
-            ensure_api_pool(instance)
-        except Exception as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=start, args=(instance,)) for instance in instances]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return errors
-
-
 def test_processes_starting_together_create_the_api_pool_once(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -166,7 +149,8 @@ def test_processes_starting_together_create_the_api_pool_once(
     try:
         for _ in range(5):
             instances[0].event_log_storage.delete_concurrency_limit(API_POOL)
-            assert _start_together(instances) == []
+            starts = [functools.partial(ensure_api_pool, i) for i in instances]
+            assert errors_when_started_together(starts) == []
             info = instances[0].event_log_storage.get_concurrency_info(API_POOL)
             assert (info.slot_count, info.limit) == (1, 1)
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import threading
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from carsync_dagster.transform import normalise
 from carsync_dagster.warehouse.load import merge_batch, merge_batches
 from carsync_dagster.warehouse.normalised_store import NormalisedStore
 from carsync_dagster.warehouse.schema import MIGRATIONS, migrate
+from carsync_dagster_tests.conftest import errors_when_started_together
 
 
 def _car(number: int, **changes: Any) -> dict[str, Any]:
@@ -70,22 +71,12 @@ def conn(database_url: str) -> Any:
 def test_carsyncs_starting_together_create_their_schemas_once(database_url: str) -> None:
     """Two `carsync sync` started at once both create the schemas; one used to fail with a
     unique violation of pg_namespace (seen in 3 of 19 tries), not with "another sync"."""
-    start = threading.Barrier(6)
     errors: list[BaseException] = []
-
-    def start_up(round_: int) -> None:
-        start.wait()
-        try:
-            migrate(database_url, f"carsync_{round_}", other_schemas=[f"dagster_{round_}"])
-        except BaseException as error:
-            errors.append(error)
-
     for round_ in range(5):
-        threads = [threading.Thread(target=start_up, args=(round_,)) for _ in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        start_up = functools.partial(
+            migrate, database_url, f"carsync_{round_}", other_schemas=[f"dagster_{round_}"]
+        )
+        errors += errors_when_started_together([start_up] * 6)
     assert errors == []
     with psycopg.connect(database_url) as conn:
         names = {row[0] for row in conn.execute("SELECT nspname FROM pg_namespace")}
