@@ -35,9 +35,19 @@ PagesPerPartition = Annotated[
 ]
 Concurrency = Annotated[int | None, typer.Option("--concurrency", help="CARSYNC_CONCURRENCY")]
 Rps = Annotated[float | None, typer.Option("--rps", help="CARSYNC_RPS")]
+Simulator = Annotated[
+    bool,
+    typer.Option(
+        "--simulator",
+        help="Without API_BASE_URL, sync from the bundled simulator's invented listings even "
+        "into the database at DATABASE_URL.",
+    ),
+]
 
 
-def _settings(**flags: object) -> Settings:
+def _settings(*, simulated: bool | None = None, **flags: object) -> Settings:
+    """Settings from the environment and flags; `simulated` (commands that may start the
+    simulator) also checks that a real database is not filled with invented listings."""
     names = {
         "api_base_url": "API_BASE_URL",
         "database_url": "DATABASE_URL",
@@ -48,7 +58,10 @@ def _settings(**flags: object) -> Settings:
         "rps": "CARSYNC_RPS",
     }
     try:
-        return load_settings(os.environ, {names[k]: v for k, v in flags.items()})
+        settings = load_settings(os.environ, {names[k]: v for k, v in flags.items()})
+        if simulated is not None:
+            settings.check_source(simulated=simulated)
+        return settings
     except SettingsError as error:
         err.print(f"carsync: bad setting: {error}", markup=False)
         raise typer.Exit(2) from None
@@ -112,9 +125,11 @@ def sync(
     pages_per_partition: PagesPerPartition = None,
     concurrency: Concurrency = None,
     rps: Rps = None,
+    simulator: Simulator = False,
 ) -> None:
     """Run one sync through Dagster: complete by default, or --incremental."""
     settings = _settings(
+        simulated=simulator,
         api_base_url=api_base_url,
         database_url=database_url,
         schema=schema,
@@ -146,9 +161,11 @@ def sync(
         raise typer.Exit(1) from None
     summary = {**outcome.summary, "seconds": round(time.perf_counter() - started, 2)}
     if not outcome.success:
-        err.print(f"carsync: sync failed: {redact(outcome.error or '', secrets)}", markup=False)
+        why = redact(outcome.error or "", secrets)
+        err.print(f"carsync: sync {outcome.status}: {why}", markup=False)
     if json_output:
-        print(json.dumps({**summary, "success": outcome.success}), flush=True)
+        report = {**summary, "status": outcome.status, "success": outcome.success}
+        print(json.dumps(report, default=str), flush=True)
     else:
         out.print(_summary_table(summary))
     raise typer.Exit(0 if outcome.success else 1)
@@ -169,9 +186,10 @@ def simulate(ctx: typer.Context) -> None:
 def ui(
     port: Annotated[int, typer.Option(help="Port of the Dagster webserver.")] = 3000,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    simulator: Simulator = False,
 ) -> None:
     """Serve the Dagster UI and daemon on the carsync instance and database."""
-    settings = _settings()
+    settings = _settings(simulated=simulator)
     from carsync_dagster.runner import open_environment
 
     with open_environment(settings) as env:
@@ -219,26 +237,27 @@ def status(
     from carsync_dagster.warehouse import syncs
 
     quiet_chosen_dagster_warnings()
-    from carsync_dagster.orchestration.recovery import failed_partitions
-    from carsync_dagster.orchestration.status import next_ticks, page_range_count
+    from carsync_dagster.orchestration.checks import failed_partitions
+    from carsync_dagster.orchestration.lifecycle import full_range
+    from carsync_dagster.orchestration.status import next_ticks
 
     with open_database(settings) as url:
         with psycopg.connect(url) as conn:
             rows = syncs.recent_syncs(conn, settings.schema_name)
         with open_instance(settings, url) as instance:
-            ranges, failed = page_range_count(instance), failed_partitions(instance)
+            ranges, failed = len(full_range(instance)), failed_partitions(instance)
     scheduled = next_ticks(settings)
     if json_output:
         report = {
             "syncs": rows,
-            "page_ranges": ranges,
-            "failed_page_ranges": failed,
+            "listing_ranges": ranges,
+            "failed_listing_ranges": failed,
             "next_scheduled": scheduled,
         }
         print(json.dumps(report, default=str))
         return
     out.print(_syncs_table(rows))
-    out.print(f"page ranges: {ranges}, failed: {', '.join(failed) if failed else 'none'}")
+    out.print(f"listing ranges: {ranges}, failed: {', '.join(failed) if failed else 'none'}")
     for name, when in scheduled.items():
         out.print(f"next {name}: {when:%Y-%m-%d %H:%M} UTC (if the schedule is on in `carsync ui`)")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import socket
 import threading
 import time
 import uuid
@@ -24,13 +23,12 @@ from carsync_dagster.settings import Settings
 from carsync_dagster.source.errors import ApiError
 from carsync_dagster.warehouse import syncs
 from carsync_dagster.warehouse.schema import migrate
+from carsync_dagster.warehouse.syncs import SyncBusyError
+
+__all__ = ["Environment", "SyncBusyError", "SyncOutcome", "open_environment", "run_sync"]
 
 DAGSTER_PG_URL_ENV = "CARSYNC_DAGSTER_PG_URL"
 DAGSTER_SCHEMA = "dagster"
-
-
-class SyncBusyError(RuntimeError):
-    """Another sync holds the warehouse's writer lock."""
 
 
 @dataclass
@@ -125,7 +123,7 @@ def open_environment(
             "CARSYNC_DATA_DIR": str(settings.data_path),
             "CARSYNC_SCHEMA": settings.schema_name,
             "CARSYNC_PAGE_SIZE": str(settings.page_size),
-            "CARSYNC_PAGES_PER_PARTITION": str(settings.pages_per_partition),
+            "CARSYNC_PARTITION_SIZE": str(settings.listings_per_partition),
             "CARSYNC_CONCURRENCY": str(settings.concurrency),
             "CARSYNC_RPS": str(settings.rps),
             "CARSYNC_REQUEST_TIMEOUT": str(settings.request_timeout),
@@ -161,50 +159,45 @@ def quiet_chosen_dagster_warnings() -> None:
 @dataclass
 class SyncOutcome:
     sync_id: str
-    dagster_run_id: str | None
-    success: bool
+    status: str  # the sync's, as settled (warehouse.syncs.STATUSES)
     summary: dict[str, Any]
     error: str | None = None
 
+    @property
+    def success(self) -> bool:
+        return self.status == "succeeded"
 
-def _discover_last_page(env: Environment) -> int:
+
+def _feed_total(env: Environment) -> int:
     import asyncio
 
     from carsync_dagster.source.client import ListingsClient
+    from carsync_dagster.source.extract import feed_total
 
-    async def first_page() -> int:
+    async def total() -> int:
         async with ListingsClient(
             env.api_base_url,
             env.api_key,
-            concurrency=env.settings.concurrency,
+            concurrency=1,
             timeout=env.settings.request_timeout,
             rps=env.settings.rps,
             policy=env.settings.retry_policy(),
         ) as client:
-            return (await client.get_page(1, env.settings.page_size)).last_page
+            return await feed_total(client)
 
-    return asyncio.run(first_page())
+    return asyncio.run(total())
 
 
 def _register_partitions(instance: Any, keys: list[str]) -> None:
-    from carsync_dagster.orchestration.partitions import page_ranges
+    from carsync_dagster.orchestration.partitions import listing_ranges
 
-    name = page_ranges.name
-    assert name is not None
+    name = str(listing_ranges.name)
     existing = set(instance.get_dynamic_partitions(name))
     new = [key for key in keys if key not in existing]
     if new:
         instance.add_dynamic_partitions(name, new)
     for stale in sorted(existing - set(keys)):
         instance.delete_dynamic_partition(name, stale)
-
-
-def _materialization_metadata(result: Any, asset: str) -> dict[str, Any]:
-    for event in result.get_asset_materialization_events():
-        materialization = event.step_materialization_data.materialization
-        if materialization.asset_key.to_user_string() == asset:
-            return {key: value.value for key, value in materialization.metadata.items()}
-    return {}
 
 
 def run_sync(
@@ -214,129 +207,93 @@ def run_sync(
     allow_mass_deactivation: bool = False,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> SyncOutcome:
-    """One sync through Dagster: a full sync is one run over every page-range partition (then
-    the catch-up and vanished-listings steps); an incremental one runs `recent_changes`."""
+    """One sync through Dagster: a full sync is one run over every listing range (then the
+    catch-up and vanished-listings steps); an incremental one runs `recent_changes`. A full
+    sync continues the last one when that failed on something transient, not long ago."""
     quiet_chosen_dagster_warnings()
     from dagster import DagsterInstance
 
     from carsync_dagster.definitions import defs as load_definitions
-    from carsync_dagster.orchestration.assets import (
-        HOST_TAG,
-        PID_TAG,
+    from carsync_dagster.orchestration import lifecycle
+    from carsync_dagster.orchestration.assets import ensure_api_pool
+    from carsync_dagster.orchestration.tags import (
+        ALLOW_MASS_DEACTIVATION_TAG,
+        RANGE_END_TAG,
+        RANGE_START_TAG,
+        SCHEMA_TAG,
         SYNC_ID_TAG,
         SYNC_KIND_TAG,
-        ensure_api_pool,
     )
-    from carsync_dagster.orchestration.changes import ALLOW_MASS_DEACTIVATION_TAG
-    from carsync_dagster.orchestration.partitions import partition_keys
-    from carsync_dagster.orchestration.recovery import fail_dead_runs
+    from carsync_dagster.ranges import partition_keys
 
-    schema = env.settings.schema_name
+    settings, schema = env.settings, env.settings.schema_name
     kind = "incremental" if incremental else "full"
     started = time.perf_counter()
-    with psycopg.connect(env.database_url, autocommit=True) as lock_conn:
-        if not syncs.try_writer_lock(lock_conn, schema):
-            raise SyncBusyError(
-                f"another sync is writing to schema {schema!r}; wait for it to finish"
-            )
-        resumed = None if incremental else syncs.resumable_sync(lock_conn, schema)
-        sync_id = resumed or uuid.uuid4().hex
-        tags = {
-            SYNC_ID_TAG: sync_id,
-            SYNC_KIND_TAG: kind,
-            PID_TAG: str(os.getpid()),
-            HOST_TAG: socket.gethostname(),
-        }
-        if allow_mass_deactivation:
-            tags[ALLOW_MASS_DEACTIVATION_TAG] = "true"
+    # The run takes the lock too (every run does, whatever launched it); held here first, so
+    # a second `carsync sync` is refused at once and nothing changes between here and the run.
+    with (
+        syncs.writer_lock(env.database_url, schema),
+        psycopg.connect(env.database_url, autocommit=True) as conn,
+    ):
         instance = DagsterInstance.get()
         # Dagster's Postgres storage opens a connection for every write unless told otherwise;
         # a sync writes a few hundred events, so keep one open per storage, as its webserver does.
         instance.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=4)
         ensure_api_pool(instance)
-        fail_dead_runs(instance)  # a killed sync's run would hold the API pool slot for ever
+        # Runs whose worker died are failed (they would hold the API pool slot for ever) and
+        # syncs left running are settled, so that what may be resumed is known.
+        lifecycle.reconcile(instance, conn, schema, settings, follow_up=False, log=_ignore)
+        tags = {SYNC_KIND_TAG: kind, SCHEMA_TAG: schema}
+        sync_id = None
         if not incremental:
-            keys = partition_keys(_discover_last_page(env), env.settings.pages_per_partition)
+            keys = partition_keys(_feed_total(env), settings.listings_per_partition)
             if not keys:
                 raise ApiError("the API lists no cars at all: nothing to sync")
             _register_partitions(instance, keys)
-            tags["dagster/asset_partition_range_start"] = keys[0]
-            tags["dagster/asset_partition_range_end"] = keys[-1]
-        syncs.begin_sync(lock_conn, schema, sync_id, kind, "")
+            tags[RANGE_START_TAG], tags[RANGE_END_TAG] = keys[0], keys[-1]
+            sync_id = syncs.resumable_sync(
+                conn,
+                schema,
+                settings.resume_max_age,
+                lambda other: lifecycle.sync_active(instance, other),
+            )
+        tags[SYNC_ID_TAG] = sync_id = sync_id or uuid.uuid4().hex
+        if allow_mass_deactivation:
+            tags[ALLOW_MASS_DEACTIVATION_TAG] = "true"
         watcher = _ProgressWatcher(env.database_url, schema, sync_id, on_progress)
         watcher.start()
         # Dagster and its definitions are a few hundred thousand long-lived objects; frozen, the
         # collector stops re-scanning them while a sync allocates millions of small dicts.
         gc.freeze()
         try:
-            result = (
-                load_definitions()
-                .resolve_job_def(f"{kind}_sync")
-                .execute_in_process(
-                    instance=instance,
-                    tags=tags,
-                    run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-                    raise_on_error=False,
-                )
+            load_definitions().resolve_job_def(f"{kind}_sync").execute_in_process(
+                instance=instance,
+                tags=tags,
+                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+                raise_on_error=False,
             )
         finally:
             watcher.stop()
-        summary = _summary(result, time.perf_counter() - started)
-        error = None if result.success else _first_failure(result)
-        status = "succeeded" if result.success else "failed"
-        syncs.finish_sync(lock_conn, schema, sync_id, status=status, summary=summary, error=error)
-        return SyncOutcome(sync_id, result.run_id, result.success, summary, error)
+        verdict = lifecycle.settle(instance, conn, schema, sync_id, settings.secrets())
+        row = syncs.read_sync(conn, schema, sync_id)
+    status = verdict.status if verdict else "failed"
+    summary = _summary(row, time.perf_counter() - started)
+    return SyncOutcome(sync_id, status, summary, verdict.reason if verdict else "no sync row")
 
 
-def _summary(result: Any, seconds: float) -> dict[str, Any]:
-    pages = _materialization_metadata(result, "pages")
-    normalised = _materialization_metadata(result, "normalised")
-    cars = _materialization_metadata(result, "cars")
-    recent = _materialization_metadata(result, "recent_changes")
-    gone = _materialization_metadata(result, "vanished_listings")
-
-    def total(name: str, *sources: dict[str, Any]) -> int:
-        return sum(int(source.get(name, 0)) for source in sources)
-
-    return {
-        "pages": total("pages", pages, recent),
-        "fetched": total("records", pages) + total("fetched", recent),
-        "inserted": total("inserted", cars, recent),
-        "updated": total("updated", cars, recent),
-        # A full sync's catch-up pass re-reads a margin of listings the pages already counted.
-        "unchanged": total("unchanged", cars) if cars else total("unchanged", recent),
-        "rejected": total("rejected", normalised) if cars else total("rejected", recent),
-        "deactivated": total("deactivated", gone),
-        "vanished_candidates": total("candidates", gone),
-        "partitions": total("partitions_fetched", pages) + total("partitions_skipped", pages),
-        "partitions_resumed": total("partitions_skipped", pages),
-        # Landed with the same pages as last time: their normalised files were kept.
-        "partitions_unchanged": total("partitions_reused", normalised),
-        "requests": total("requests", pages),
-        "retries": total("retries", pages, recent),
-        "hedged": total("hedged_requests", pages),
-        "errors": dict(pages.get("errors_by_class", {})),
-        "p95_latency_ms": float(pages.get("p95_latency_ms", recent.get("p95_latency_ms", 0.0))),
-        "checks_failed": sorted(
-            evaluation.check_name
-            for evaluation in result.get_asset_check_evaluations()
-            if not evaluation.passed
-        ),
-        "seconds": round(seconds, 2),
-    }
+def _ignore(_: str) -> None:
+    pass
 
 
-def _first_failure(result: Any) -> str:
-    for evaluation in result.get_asset_check_evaluations():
-        if not evaluation.passed:
-            return f"check {evaluation.check_name} failed: {evaluation.description}"
-    for event in result.all_events:
-        if event.is_step_failure and event.step_failure_data.error is not None:
-            error = event.step_failure_data.error
-            # The user code's own exception, one line: Dagster wraps it in a framework error.
-            cause = error.cause or error
-            return f"{event.step_key}: {cause.message.strip().splitlines()[-1]}"
-    return "the sync run failed"
+# The contract's figures first, in this order; the rest as the sync recorded them.
+_FIRST_FIGURES = ("pages", "fetched", "inserted", "updated", "unchanged", "rejected", "deactivated")
+
+
+def _summary(row: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+    figures = dict((row or {}).get("summary") or {})
+    figures.pop("progress", None)
+    first = {name: figures.pop(name, 0) for name in _FIRST_FIGURES}
+    return {**first, **figures, "seconds": round(seconds, 2)}
 
 
 class _ProgressWatcher:
@@ -370,8 +327,12 @@ class _ProgressWatcher:
         assert self._on_progress is not None
         with psycopg.connect(database_url, autocommit=True) as conn:
             wait = 0.5  # the first line comes early, so people see the sync has started
-            while not self._stop.wait(wait):
+            while True:
+                stopping = self._stop.wait(wait)
                 row = syncs.read_sync(conn, schema, sync_id)
-                if row is not None:
+                # A last line once the run ended: a sync shorter than the interval shows one.
+                if row is not None and (not stopping or (row.get("summary") or {}).get("progress")):
                     self._on_progress(row)
+                if stopping:
+                    return
                 wait = self._every

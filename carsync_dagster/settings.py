@@ -21,6 +21,8 @@ from carsync_dagster.source.client import RetryPolicy
 
 _SECRET_SETTINGS = ("API_KEY", "DATABASE_URL")
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# Listings per partition: what a crash or a bad page costs at most, at any page size.
+DEFAULT_PARTITION_SIZE = 5_000
 
 
 class SettingsError(ValueError):
@@ -38,9 +40,11 @@ class Settings(BaseModel):
     schema_name: str = Field(default="carsync", validation_alias="CARSYNC_SCHEMA")
     dagster_home: str | None = Field(default=None, validation_alias="DAGSTER_HOME")
     page_size: int = Field(default=100, validation_alias="CARSYNC_PAGE_SIZE")
-    pages_per_partition: int = Field(
-        default=50,
-        validation_alias="CARSYNC_PAGES_PER_PARTITION",
+    # Listings per partition; CARSYNC_PAGES_PER_PARTITION (pages of the page size) is the older
+    # way to say it. A key names listing positions, so either way it means one thing.
+    partition_size: int | None = Field(default=None, validation_alias="CARSYNC_PARTITION_SIZE")
+    pages_per_partition: int | None = Field(
+        default=None, validation_alias="CARSYNC_PAGES_PER_PARTITION"
     )
     concurrency: int = Field(default=16, validation_alias="CARSYNC_CONCURRENCY")
     rps: float = Field(default=0, validation_alias="CARSYNC_RPS")
@@ -61,7 +65,10 @@ class Settings(BaseModel):
     )
     sensor_interval: int = Field(default=30, validation_alias="CARSYNC_SENSOR_INTERVAL")
     stale_after: float = Field(default=300.0, validation_alias="CARSYNC_STALE_AFTER")
-    partition_retries: int = Field(default=3, validation_alias="CARSYNC_PARTITION_RETRIES")
+    # A sync that died or failed on something transient is resumed (its landed partitions kept)
+    # within this many seconds of its start, and re-run by the daemon at most this many times.
+    resume_max_age: float = Field(default=6 * 3600, validation_alias="CARSYNC_RESUME_MAX_AGE")
+    max_recoveries: int = Field(default=3, validation_alias="CARSYNC_MAX_RECOVERIES")
 
     @field_validator("api_base_url")
     @classmethod
@@ -107,11 +114,16 @@ class Settings(BaseModel):
         return value
 
     @field_validator(
-        "pages_per_partition", "concurrency", "max_attempts", "breaker_failures", "sensor_interval"
+        "partition_size",
+        "pages_per_partition",
+        "concurrency",
+        "max_attempts",
+        "breaker_failures",
+        "sensor_interval",
     )
     @classmethod
-    def _at_least_one(cls, value: int) -> int:
-        if value < 1:
+    def _at_least_one(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
             raise ValueError("must be at least 1")
         return value
 
@@ -123,7 +135,12 @@ class Settings(BaseModel):
         return value
 
     @field_validator(
-        "rps", "watermark_margin", "full_sync_max_age", "any_sync_max_age", "partition_retries"
+        "rps",
+        "watermark_margin",
+        "full_sync_max_age",
+        "any_sync_max_age",
+        "resume_max_age",
+        "max_recoveries",
     )
     @classmethod
     def _not_negative(cls, value: float) -> float:
@@ -143,6 +160,22 @@ class Settings(BaseModel):
         if self.api_base_url and self.api_key is None:
             raise ValueError("required when API_BASE_URL is set")
         return self
+
+    @property
+    def listings_per_partition(self) -> int:
+        if self.partition_size is not None:
+            return self.partition_size
+        if self.pages_per_partition is not None:
+            return self.pages_per_partition * self.page_size
+        return DEFAULT_PARTITION_SIZE
+
+    def check_source(self, *, simulated: bool) -> None:
+        """A real database is never filled from the bundled simulator unless asked for."""
+        if self.database_url is not None and self.api_base_url is None and not simulated:
+            raise SettingsError(
+                "API_BASE_URL: required when DATABASE_URL is set (pass --simulator to load the "
+                "bundled simulator's invented listings into that database)"
+            )
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(

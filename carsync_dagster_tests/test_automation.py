@@ -3,11 +3,8 @@ against the simulator and a real local HTTP receiver."""
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +21,17 @@ from dagster import (
 
 from carsync_dagster.definitions import defs as load_definitions
 from carsync_dagster.orchestration.automation import (
-    alert_message,
-    discover_page_ranges,
+    discover_listing_ranges,
     freshness_tick,
     full_sync_tick,
     incremental_sync_tick,
     send_alert,
 )
-from carsync_dagster.orchestration.partitions import page_ranges
+from carsync_dagster.orchestration.partitions import listing_ranges
 from carsync_dagster.orchestration.resources import ListingsApiResource
+from carsync_dagster.orchestration.tags import SCHEMA_TAG
 from carsync_dagster.simulator.process import RunningSimulator, start_simulator
-from carsync_dagster_tests.conftest import use_dagster_home
+from carsync_dagster_tests.conftest import WebhookReceiver, use_dagster_home
 
 
 @pytest.fixture
@@ -55,41 +52,51 @@ TICK = datetime(2026, 11, 24, 3, 0, tzinfo=UTC)
 
 
 def _keys(instance: Any) -> list[str]:
-    return sorted(instance.get_dynamic_partitions(str(page_ranges.name)))
+    return sorted(instance.get_dynamic_partitions(str(listing_ranges.name)))
 
 
 def test_discovery_sensor_matches_partitions_to_the_feed(
     instance: Any, simulator: RunningSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("CARSYNC_PAGES_PER_PARTITION", "5")
+    monkeypatch.setenv("CARSYNC_PARTITION_SIZE", "500")
     api = ListingsApiResource(base_url=simulator.base_url, api_key=simulator.api_key)
     context = build_sensor_context(instance=instance, resources={"api": api})
-    result = discover_page_ranges(context, api)
+    simulator.control.reset_stats()
+    result = discover_listing_ranges(context, api)
     assert isinstance(result, SensorResult) and result.run_requests in (None, [])
+    assert simulator.control.stats()["requests"] == 1, "one request of one listing"
     for request in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(str(page_ranges.name), list(request.partition_keys))
-    assert _keys(instance) == ["p00001-00005", "p00006-00010", "p00011-00015", "p00016-00020"]
-    assert isinstance(discover_page_ranges(context, api), SkipReason)
+        instance.add_dynamic_partitions(str(listing_ranges.name), list(request.partition_keys))
+    assert _keys(instance) == [
+        "0000001-0000500",
+        "0000501-0001000",
+        "0001001-0001500",
+        "0001501-0002000",
+    ]
+    assert isinstance(discover_listing_ranges(context, api), SkipReason)
 
-    simulator.control.mutate(insert=600)  # 26 pages now
-    grown = discover_page_ranges(context, api)
+    simulator.control.mutate(insert=600)  # 2,600 listings now
+    grown = discover_listing_ranges(context, api)
     assert isinstance(grown, SensorResult)
     added = [key for r in grown.dynamic_partitions_requests or [] for key in r.partition_keys]
-    assert added == ["p00021-00025", "p00026-00030"]
+    assert added == ["0002001-0002500", "0002501-0003000"]
 
 
 def test_full_sync_schedule_requests_one_run_over_every_range(instance: Any) -> None:
-    instance.add_dynamic_partitions(str(page_ranges.name), ["p00001-00050", "p00051-00100"])
+    instance.add_dynamic_partitions(
+        str(listing_ranges.name), ["0000001-0005000", "0005001-0010000"]
+    )
     context = build_schedule_context(instance=instance, scheduled_execution_time=TICK)
-    request = full_sync_tick(context)
+    request = full_sync_tick(context, "warehouse")
     assert isinstance(request, RunRequest)
-    assert request.tags["dagster/asset_partition_range_start"] == "p00001-00050"
-    assert request.tags["dagster/asset_partition_range_end"] == "p00051-00100"
+    assert request.tags["dagster/asset_partition_range_start"] == "0000001-0005000"
+    assert request.tags["dagster/asset_partition_range_end"] == "0005001-0010000"
     assert request.tags["carsync/kind"] == "full"
+    assert request.tags[SCHEMA_TAG] == "warehouse", "runs of one schema queue one at a time"
     assert request.run_key == TICK.isoformat(), (
         "one run per tick, whatever retries the daemon makes"
     )
-    incremental = incremental_sync_tick(context)
+    incremental = incremental_sync_tick(context, "warehouse")
     assert isinstance(incremental, RunRequest)
 
 
@@ -100,7 +107,7 @@ def test_schedules_and_sensors_follow_the_settings(monkeypatch: pytest.MonkeyPat
     defs = load_definitions()
     assert defs.resolve_schedule_def("full_sync_schedule").cron_schedule == "30 1 * * *"
     assert defs.resolve_schedule_def("incremental_sync_schedule").cron_schedule == "*/5 * * * *"
-    for name in ("discovery_sensor", "stale_run_sensor", "failed_partition_sensor"):
+    for name in ("discovery_sensor", "sync_reconciler"):
         assert defs.resolve_sensor_def(name).minimum_interval_seconds == 7
     monkeypatch.delenv("CARSYNC_FULL_SYNC_CRON")
     assert load_definitions().resolve_schedule_def("full_sync_schedule").cron_schedule == (
@@ -114,43 +121,24 @@ def test_schedules_skip_while_a_sync_runs(
     for name, value in (("API_BASE_URL", "http://127.0.0.1:9"), ("API_KEY", "k")):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("DATABASE_URL", database_url)
-    instance.add_dynamic_partitions(str(page_ranges.name), ["p00001-00050"])
+    instance.add_dynamic_partitions(str(listing_ranges.name), ["0000001-0005000"])
     instance.create_run_for_job(
         job_def=load_definitions().resolve_job_def("incremental_sync"),
         status=DagsterRunStatus.STARTED,
     )
     context = build_schedule_context(instance=instance, scheduled_execution_time=TICK)
-    skipped = full_sync_tick(context)
+    skipped = full_sync_tick(context, "carsync")
     assert isinstance(skipped, SkipReason) and "another sync is running" in str(
         skipped.skip_message
     )
-    assert isinstance(incremental_sync_tick(context), SkipReason)
+    assert isinstance(incremental_sync_tick(context, "carsync"), SkipReason)
 
 
-def test_alerts_post_json_to_the_webhook_and_hold_no_secret() -> None:
-    received: list[dict[str, Any]] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers["Content-Length"])
-            received.append(json.loads(self.rfile.read(length)))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        message = alert_message("full_sync", "run-1", "vanished_listings: check failed")
-        send_alert(message, f"http://127.0.0.1:{server.server_address[1]}/hook")
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert received == [message]
-    assert "run-1" in received[0]["text"] and "Dagster UI" in received[0]["where"]
+def test_alerts_post_json_to_the_webhook() -> None:
+    message = {"text": "carsync: full sync s-1 blocked: check failed", "sync_id": "s-1"}
+    with WebhookReceiver() as webhook:
+        send_alert(message, webhook.url)
+    assert webhook.received == [message]
 
 
 def test_the_instance_config_loads_with_postgres_storage_and_monitoring(instance: Any) -> None:
@@ -159,6 +147,15 @@ def test_the_instance_config_loads_with_postgres_storage_and_monitoring(instance
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
     assert instance.run_monitoring_enabled
     assert not instance.run_retries_enabled
+    limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
+    assert {"key": SCHEMA_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
+
+
+def test_every_sync_job_tags_its_runs_with_the_schema(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARSYNC_SCHEMA", "warehouse")
+    defs = load_definitions()
+    for job in ("full_sync", "incremental_sync", "ranges_sync"):
+        assert defs.resolve_job_def(job).tags[SCHEMA_TAG] == "warehouse", job
 
 
 def test_freshness_is_checked_on_its_own_and_warns_when_no_sync_ran(

@@ -25,7 +25,7 @@ STATUS_QUERY = """{ assetNodeOrError(assetKey: {path: ["pages"]}) { ... on Asset
 @pytest.fixture
 def ui(database_url: str, tmp_path: Path) -> Iterator[str]:
     with start_simulator(cars=5_000, seed=41) as simulator:
-        env = carsync_env(tmp_path, database_url, simulator, CARSYNC_PAGES_PER_PARTITION="10")
+        env = carsync_env(tmp_path, database_url, simulator, CARSYNC_PARTITION_SIZE="1000")
         with carsync_ui(env, tmp_path) as (base, _):
             yield base
 
@@ -41,13 +41,19 @@ def _mark_welcome_seen(ui: str) -> None:
 def test_a_person_sees_the_lineage_and_backfills_two_partitions(ui: str) -> None:
     assert Path(CHROMIUM).exists(), "Debian's chromium is installed by .ci/run"
     ARTIFACTS.mkdir(exist_ok=True)
-    # The discovery sensor, run by the daemon `carsync ui` starts, registers the page ranges.
+    # The discovery sensor, run by the daemon `carsync ui` starts, registers the listing ranges.
     keys = wait_for(
         "the discovery sensor",
         120,
         lambda: graphql(ui, STATUS_QUERY)["assetNodeOrError"]["partitionKeys"],
     )
-    assert keys == ["p00001-00010", "p00011-00020", "p00021-00030", "p00031-00040", "p00041-00050"]
+    assert keys == [
+        "0000001-0001000",
+        "0001001-0002000",
+        "0002001-0003000",
+        "0003001-0004000",
+        "0004001-0005000",
+    ]
 
     _mark_welcome_seen(ui)
     with sync_playwright() as playwright:
@@ -66,13 +72,13 @@ def test_a_person_sees_the_lineage_and_backfills_two_partitions(ui: str) -> None
         page.goto(f"{ui}/assets/pages?view=partitions", wait_until="networkidle", timeout=60_000)
         page.wait_for_timeout(2000)
         body = page.inner_text("body")
-        assert "p00001-00010" in body and "Missing" in body, body[:800]
+        assert "0000001-0001000" in body and "Missing" in body, body[:800]
         page.screenshot(path=str(ARTIFACTS / "partitions-before.png"))
 
         page.goto(f"{ui}/assets/pages", wait_until="networkidle", timeout=60_000)
         page.get_by_role("button", name="Materialize", exact=False).first.click()
         page.get_by_text("Select a partition or create one").click()
-        for key in ("p00001-00010", "p00011-00020"):
+        for key in ("0000001-0001000", "0001001-0002000"):
             page.get_by_role("menuitem", name=key).click()
         page.keyboard.press("Escape")
         page.screenshot(path=str(ARTIFACTS / "backfill-dialog.png"))
@@ -87,7 +93,7 @@ def test_a_person_sees_the_lineage_and_backfills_two_partitions(ui: str) -> None
                         "materializedPartitions"
                     ]
                 )
-                >= {"p00001-00010", "p00011-00020"}
+                >= {"0000001-0001000", "0001001-0002000"}
             ),
         )
         assert materialized
@@ -96,4 +102,4 @@ def test_a_person_sees_the_lineage_and_backfills_two_partitions(ui: str) -> None
         page.screenshot(path=str(ARTIFACTS / "partitions-after.png"))
         browser.close()
     statuses = graphql(ui, STATUS_QUERY)["assetNodeOrError"]["assetPartitionStatuses"]
-    assert sorted(statuses["materializedPartitions"]) == ["p00001-00010", "p00011-00020"]
+    assert sorted(statuses["materializedPartitions"]) == ["0000001-0001000", "0001001-0002000"]

@@ -16,8 +16,8 @@ import pytest
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 
 from carsync_dagster.orchestration.assets import API_POOL, ensure_api_pool
-from carsync_dagster.orchestration.partitions import page_ranges
-from carsync_dagster.orchestration.recovery import fail_dead_runs
+from carsync_dagster.orchestration.lifecycle import fail_lost_runs
+from carsync_dagster.orchestration.partitions import listing_ranges
 from carsync_dagster.simulator.process import RunningSimulator, start_simulator
 from carsync_dagster.warehouse.schema import migrate
 from carsync_dagster_tests.conftest import (
@@ -26,13 +26,13 @@ from carsync_dagster_tests.conftest import (
     use_dagster_home,
 )
 
-# One page_ranges_sync run in its own process, as a daemon's run worker would run it.
+# One ranges_sync run in its own process, as a daemon's run worker would run it.
 RUN_RANGE = """
 import sys
 from dagster import DagsterInstance
 from carsync_dagster.definitions import defs
 with DagsterInstance.get() as instance:
-    result = defs().resolve_job_def("page_ranges_sync").execute_in_process(
+    result = defs().resolve_job_def("ranges_sync").execute_in_process(
         instance=instance,
         tags={
             "dagster/asset_partition_range_start": sys.argv[1],
@@ -44,7 +44,7 @@ sys.exit(0 if result.success else 1)
 """
 
 
-KEYS = ["p00001-00050", "p00051-00100", "p00101-00150", "p00151-00200"]
+KEYS = ["0000001-0000500", "0000501-0001000", "0001001-0001500", "0001501-0002000"]
 
 
 @pytest.fixture
@@ -56,7 +56,10 @@ def simulator() -> Iterator[RunningSimulator]:
         yield sim
 
 
-def _start_run(first: str, last: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+def _start_run(
+    first: str, last: str, env: dict[str, str], cwd: Path, schema: str = "carsync"
+) -> subprocess.Popen[bytes]:
+    env = {**env, "CARSYNC_SCHEMA": schema}
     return subprocess.Popen([sys.executable, "-c", RUN_RANGE, first, last], env=env, cwd=cwd)
 
 
@@ -67,16 +70,18 @@ def run_env(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[tuple[dict[str, str], DagsterInstance]]:
-    """The environment of a run worker, with the page ranges registered and the warehouse ready."""
+    """The environment of a run worker, with the listing ranges registered and two warehouse
+    schemas ready (runs of one schema take turns anyway: they take its writer lock)."""
     migrate(database_url, "carsync")
+    migrate(database_url, "other")
     use_dagster_home(tmp_path / "dagster", database_url, monkeypatch)
     env = carsync_env(
         tmp_path, database_url, simulator, CARSYNC_PAGE_SIZE="10", CARSYNC_RPS="20",
-        CARSYNC_CONCURRENCY="4", CARSYNC_PAGES_PER_PARTITION="50",
+        CARSYNC_CONCURRENCY="4", CARSYNC_PARTITION_SIZE="500",
         CARSYNC_DAGSTER_PG_URL=os.environ["CARSYNC_DAGSTER_PG_URL"],
     )  # fmt: skip
     with DagsterInstance.get() as instance:
-        instance.add_dynamic_partitions(str(page_ranges.name), KEYS)
+        instance.add_dynamic_partitions(str(listing_ranges.name), KEYS)
         ensure_api_pool(instance)  # as `carsync sync` and `carsync ui` do
         yield env, instance
 
@@ -91,9 +96,7 @@ def _wait_for_claim(instance: DagsterInstance, run: subprocess.Popen[bytes]) -> 
 def _fetch_window(instance: DagsterInstance, run_id: str) -> tuple[float, float]:
     def when(kind: DagsterEventType) -> float:
         records = instance.get_records_for_run(run_id, of_type=kind).records
-        return next(
-            r.timestamp for r in records if r.event_log_entry.step_key == "pages.fetch_pages"
-        )
+        return next(r.timestamp for r in records if r.event_log_entry.step_key == "sync_partitions")
 
     return when(DagsterEventType.STEP_START), when(DagsterEventType.STEP_SUCCESS)
 
@@ -103,12 +106,12 @@ def test_concurrent_runs_share_one_rate_ceiling(
 ) -> None:
     env, instance = run_env
     simulator.control.reset_stats()
-    # Two runs of 100 pages each, both paced at 20 requests/s.
+    # Two runs of 100 pages each, into two schemas, both paced at 20 requests/s.
     first = _start_run(KEYS[0], KEYS[1], env, tmp_path)
     # The second starts once the first holds the slot. Two claims in the same instant can both
     # win on Postgres (seen once in CI): a Dagster race this test does not cover.
     _wait_for_claim(instance, first)
-    runs = [first, _start_run(KEYS[2], KEYS[3], env, tmp_path)]
+    runs = [first, _start_run(KEYS[2], KEYS[3], env, tmp_path, schema="other")]
     assert [run.wait(timeout=120) for run in runs] == [0, 0]
     stats = simulator.control.stats()["admitted_per_second"]
     per_second = {int(second): count for second, count in stats.items()}
@@ -132,8 +135,8 @@ def test_a_killed_run_gives_back_its_pool_slot(
     [record] = instance.get_run_records()
     assert record.dagster_run.status == DagsterRunStatus.STARTED
 
-    # What `carsync sync` does first (the stale-run sensor does the same with the daemon).
-    assert fail_dead_runs(instance) == [record.dagster_run.run_id]
+    # What `carsync sync` does first (the sync reconciler does the same with the daemon).
+    assert fail_lost_runs(instance, 300, print) == [record.dagster_run.run_id]
     failed = instance.get_run_by_id(record.dagster_run.run_id)
     assert failed is not None and failed.status == DagsterRunStatus.FAILURE
     assert instance.event_log_storage.get_concurrency_info(API_POOL).active_slot_count == 0

@@ -1,17 +1,23 @@
-"""The stale-run sensor on a real Postgres-backed instance: a `carsync sync` killed with kill -9,
-and one paused with SIGSTOP (alive but silent), are failed and requested again; the re-run
-resumes from the landed partitions and leaves the warehouse exact."""
+"""A sync's lifecycle on a real Postgres-backed instance, with the real simulator: a `carsync
+sync` killed (kill -9) or paused (SIGSTOP) is failed and finished by the sync reconciler under
+the same sync id; healing stops after CARSYNC_MAX_RECOVERIES with one alert; only a recent
+sync that failed on something transient is resumed; a resumed sync never writes older data
+over newer; and a listing range means the same listings whatever the page size."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from dagster import (
     DagsterInstance,
@@ -19,174 +25,319 @@ from dagster import (
     RunRequest,
     SensorResult,
     SkipReason,
+    build_schedule_context,
     build_sensor_context,
 )
 
 from carsync_dagster.definitions import defs as load_definitions
-from carsync_dagster.orchestration.partitions import page_ranges
-from carsync_dagster.orchestration.recovery import (
-    RECOVERS_TAG,
-    STALE_TAG,
-    contiguous_blocks,
-    failed_partitions,
-    recover_stale_runs,
-    retry_failed_partitions,
-    stale_recovery_pending,
-)
+from carsync_dagster.orchestration.automation import full_sync_tick, reconcile_syncs
+from carsync_dagster.orchestration.lifecycle import RunFacts, Verdict, judge
+from carsync_dagster.orchestration.resources import WarehouseResource
+from carsync_dagster.orchestration.tags import SYNC_ID_TAG
+from carsync_dagster.ranges import page_span
 from carsync_dagster.runner import dagster_postgres_url
 from carsync_dagster.simulator.process import start_simulator
-from carsync_dagster.warehouse.schema import migrate
-from carsync_dagster_tests.conftest import carsync_env, use_dagster_home
-from carsync_dagster_tests.warehouse_truth import differences
+from carsync_dagster.source.landing import Landing
+from carsync_dagster.transform import normalise
+from carsync_dagster_tests.conftest import WebhookReceiver, carsync_env, run_carsync
+from carsync_dagster_tests.warehouse_truth import cars_by_id, differences
 
 
-def _start_sync_and_wait_for_landing(env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
+def _start_sync(env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
         [sys.executable, "-m", "carsync_dagster", "sync", "--json"],
         env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while len(list((cwd / "data" / "landing").glob("*.json"))) < 2:
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    return process
 
 
-def _recover(
-    instance: Any,
-    monkeypatch: pytest.MonkeyPatch,
-    env: dict[str, str],
+def _running_sync(database_url: str) -> str | None:
+    with psycopg.connect(database_url) as conn:
+        try:
+            row = conn.execute(
+                "SELECT sync_id FROM carsync.sync_runs WHERE status = 'running'"
+            ).fetchone()
+        except psycopg.errors.UndefinedTable:  # the sync has not created its tables yet
+            return None
+    return str(row[0]) if row else None
+
+
+def _landed_by(cwd: Path, sync_id: str | None) -> list[str]:
+    landing = Landing(cwd / "data" / "landing")
+    keys = [path.stem for path in landing.root.glob("*.json")]
+    return sorted(key for key in keys if (m := landing.manifest(key)) and m.sync_id == sync_id)
+
+
+def _merged_by(database_url: str, sync_id: str | None) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM carsync.sync_partitions WHERE sync_id = %s", (sync_id,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _interrupt(
+    process: subprocess.Popen[bytes],
     database_url: str,
-    stale_after: float,
-) -> RunRequest:
-    result = recover_stale_runs(build_sensor_context(instance=instance), stale_after)
-    assert isinstance(result, SensorResult)
-    if not result.run_requests:
-        # A run whose worker is gone is left one tick, for a code server that would fail it.
-        assert result.cursor and instance.get_run_records()[0].dagster_run.status == (
-            DagsterRunStatus.STARTED
-        )
-        context = build_sensor_context(instance=instance, cursor=result.cursor)
-        result = recover_stale_runs(context, stale_after)
-        assert isinstance(result, SensorResult)
-    assert len(result.run_requests or []) == 1
-    request = (result.run_requests or [])[0]
-    failed = instance.get_run_records()
-    assert failed[0].dagster_run.status == DagsterRunStatus.FAILURE
-    # What the daemon would launch: the same sync, from its landed partitions.
-    for name in ("API_BASE_URL", "API_KEY", "CARSYNC_DATA_DIR", "CARSYNC_PAGES_PER_PARTITION"):
-        monkeypatch.setenv(name, env[name])
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    rerun = (
-        load_definitions()
-        .resolve_job_def(str(request.job_name))
-        .execute_in_process(instance=instance, tags=request.tags)
-    )
-    assert rerun.success
-    return request
+    cwd: Path,
+    how: str = "kill -9",
+    *,
+    landed: int = 0,
+    merged: int = 0,
+) -> str:
+    """Kill (or pause) a running `carsync sync` once its sync has landed and merged that many
+    listing ranges; returns the sync's id."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, "the sync ended before it could be interrupted"
+        assert time.monotonic() < deadline, "the sync did not get that far in time"
+        sync_id = _running_sync(database_url)
+        if (
+            sync_id is not None
+            and len(_landed_by(cwd, sync_id)) >= landed
+            and _merged_by(database_url, sync_id) >= merged
+        ):
+            break
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL if how == "kill -9" else signal.SIGSTOP)
+    if how == "kill -9":
+        process.wait()
+    return sync_id
+
+
+def _sync(env: dict[str, str], cwd: Path, *flags: str) -> dict[str, Any]:
+    result = run_carsync(["sync", "--json", *flags], env, cwd)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr}"
+    summary: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return summary
+
+
+TICK = datetime(2026, 12, 4, 3, 0, tzinfo=UTC)
+
+
+def _sync_rows(database_url: str) -> list[tuple[str, str, bool, int]]:
+    """(sync id, status, resumable, recoveries) of every sync, oldest first."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT sync_id, status, resumable, recoveries FROM carsync.sync_runs"
+            " ORDER BY started_at"
+        ).fetchall()
+    return [(str(a), str(b), bool(c), int(d)) for a, b, c, d in rows]
 
 
 @pytest.fixture
-def instance_env(monkeypatch: pytest.MonkeyPatch, database_url: str, tmp_path: Path) -> None:
+def daemon_env(monkeypatch: pytest.MonkeyPatch, database_url: str, tmp_path: Path) -> None:
+    """This process as the daemon's sensor and run worker would see the instance."""
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
     monkeypatch.setenv("CARSYNC_DAGSTER_PG_URL", dagster_postgres_url(database_url))
 
 
-@pytest.mark.usefixtures("instance_env")
+def _use_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    for name in ("API_BASE_URL", "API_KEY", "DATABASE_URL", "CARSYNC_DATA_DIR"):
+        monkeypatch.setenv(name, env[name])
+    for name, value in env.items():
+        if name.startswith("CARSYNC_"):
+            monkeypatch.setenv(name, value)
+
+
+def _reconcile(instance: DagsterInstance, database_url: str) -> SensorResult | SkipReason:
+    warehouse = WarehouseResource(database_url=database_url)
+    context = build_sensor_context(instance=instance, resources={"warehouse": warehouse})
+    return reconcile_syncs(context, warehouse)
+
+
+def _launch(instance: DagsterInstance, request: RunRequest, job_name: str = "") -> bool:
+    """Run what a sensor or schedule requested, as the daemon's run worker would."""
+    job = load_definitions().resolve_job_def(job_name or str(request.job_name))
+    result = job.execute_in_process(instance=instance, tags=request.tags, raise_on_error=False)
+    return result.success
+
+
+@pytest.mark.usefixtures("daemon_env")
 @pytest.mark.parametrize("how", ["kill -9", "SIGSTOP"])
-def test_an_interrupted_sync_is_failed_and_rerun_to_an_exact_warehouse(
+def test_an_interrupted_sync_is_finished_under_its_own_sync_id(
     how: str, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with start_simulator(cars=6_000, seed=31, args=["--latency-ms", "30"]) as sim:
         env = carsync_env(
-            tmp_path, database_url, sim, CARSYNC_PAGES_PER_PARTITION="5", CARSYNC_CONCURRENCY="2"
-        )
-        process = _start_sync_and_wait_for_landing(env, tmp_path)
-        if how == "kill -9":
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-        else:
-            os.kill(process.pid, signal.SIGSTOP)
-            time.sleep(3)
-        with DagsterInstance.get() as instance:
-            before = instance.get_run_records()[0].dagster_run
-            assert before.status == DagsterRunStatus.STARTED
-            request = _recover(instance, monkeypatch, env, database_url, stale_after=2)
-            reason = instance.get_run_records(limit=2)[1]  # the failed run, older than the re-run
+            tmp_path, database_url, sim, CARSYNC_PARTITION_SIZE="500", CARSYNC_CONCURRENCY="2",
+            CARSYNC_STALE_AFTER="2",
+        )  # fmt: skip
+        _sync(env, tmp_path)
+        changes = sim.control.mutate(update=60, insert=60, delete=60)  # 1% of the feed
+        process = _start_sync(env, tmp_path)
+        interrupted = _interrupt(process, database_url, tmp_path, how, merged=2)
         if how == "SIGSTOP":
-            assert process.wait(timeout=10) == -signal.SIGKILL, "a silent worker is ended"
-        assert request.tags["carsync/sync_id"] == before.tags["carsync/sync_id"]
-        assert request.run_key == f"stale:{before.run_id}"
-        assert reason.dagster_run.status == DagsterRunStatus.FAILURE
-        assert differences(sim.control.truth(), database_url) == []
+            time.sleep(3)  # longer than CARSYNC_STALE_AFTER: silent
+        landed = _landed_by(tmp_path, interrupted)
+        _use_env(monkeypatch, env)
+        with DagsterInstance.get() as instance:
+            result = _reconcile(instance, database_url)
+            assert isinstance(result, SensorResult), result
+            [request] = result.run_requests or []
+            assert request.run_key == f"recover:{interrupted}:1"
+            assert request.tags[SYNC_ID_TAG] == interrupted, "the same sync, not a new one"
+            if how == "SIGSTOP":
+                assert process.wait(timeout=10) == -signal.SIGKILL, "a silent worker is ended"
+            sim.control.reset_stats()
+            assert _launch(instance, request)
+            assert isinstance(_reconcile(instance, database_url), SkipReason)
+        assert _sync_rows(database_url)[-1] == (interrupted, "succeeded", False, 1)
+        fetched_again = {int(page) for page in sim.control.stats()["list_pages"]}
+        landed_pages = {page for key in landed for page in page_span(key, 100).pages}
+        assert fetched_again and not fetched_again & landed_pages, "landed ranges fetched again"
+        # The closing steps ran: the deleted listings are gone, whatever ran the sync.
+        assert differences(sim.control.truth(), database_url, strict=True) == []
+        rows = cars_by_id(database_url)
+        assert not any(rows[car_id]["is_active"] for car_id in changes["deleted"])
 
 
-@pytest.mark.usefixtures("instance_env")
-def test_failed_partitions_are_retried_at_most_three_times(
-    database_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.usefixtures("daemon_env")
+def test_healing_stops_after_three_recoveries_with_one_alert(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, webhook: WebhookReceiver
 ) -> None:
-    for name, value in {
-        "API_BASE_URL": "http://127.0.0.1:9",  # nothing listens: every request fails at once
-        "API_KEY": "retry-test-key",
-        "DATABASE_URL": database_url,
-        "CARSYNC_DATA_DIR": str(tmp_path / "data"),
-        "CARSYNC_MAX_ATTEMPTS": "1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    migrate(database_url, "carsync")
-    use_dagster_home(tmp_path / "dagster", database_url, monkeypatch)
-    with DagsterInstance.get() as instance:
-        instance.add_dynamic_partitions(str(page_ranges.name), ["p00001-00005", "p00006-00010"])
-        failed = (
-            load_definitions()
-            .resolve_job_def("page_ranges_sync")
-            .execute_in_process(
-                instance=instance, partition_key="p00006-00010", raise_on_error=False
-            )
-        )
-        assert not failed.success
-        assert failed_partitions(instance) == ["p00006-00010"]
-
-        cursor, keys = None, []
-        for _ in range(4):
-            context = build_sensor_context(instance=instance, cursor=cursor)
-            result = retry_failed_partitions(context, limit=3)
-            assert isinstance(result, SensorResult)
-            keys += [request.run_key for request in result.run_requests or []]
-            cursor = result.cursor
-        assert keys == [f"retry:p00006-00010..p00006-00010:{n}" for n in (1, 2, 3)], "3, no more"
-
-        instance.create_run_for_job(
-            job_def=load_definitions().resolve_job_def("full_sync"), status=DagsterRunStatus.STARTED
-        )
-        busy = retry_failed_partitions(build_sensor_context(instance=instance), limit=3)
-        assert isinstance(busy, SkipReason), "never while a sync that may redo them runs"
+    with start_simulator(cars=2_000, seed=32) as sim:
+        env = carsync_env(
+            tmp_path, database_url, sim, CARSYNC_PARTITION_SIZE="500", CARSYNC_MAX_ATTEMPTS="1",
+            CARSYNC_ALERT_WEBHOOK=webhook.url,
+        )  # fmt: skip
+        _sync(env, tmp_path)  # sets the instance up; this one succeeds
+        sim.control.configure(error_rate=1.0)  # from now on every request fails: 5xx
+        _use_env(monkeypatch, env)
+        with DagsterInstance.get() as instance:
+            # The nightly schedule's run, as the daemon would launch it.
+            context = build_schedule_context(instance=instance, scheduled_execution_time=TICK)
+            tick = full_sync_tick(context, "carsync")
+            assert isinstance(tick, RunRequest) and not _launch(instance, tick, "full_sync")
+            result = _reconcile(instance, database_url)
+            [_, (sync_id, status, resumable, recoveries)] = _sync_rows(database_url)
+            assert (status, resumable, recoveries) == ("failed", True, 1), "transient: re-run"
+            for attempt in (1, 2, 3):
+                result = result if attempt == 1 else _reconcile(instance, database_url)
+                assert isinstance(result, SensorResult), f"attempt {attempt}: {result}"
+                [request] = result.run_requests or []
+                assert request.run_key == f"recover:{sync_id}:{attempt}"
+                assert not _launch(instance, request), "the API is still down"
+            assert webhook.received == []
+            stopped = _reconcile(instance, database_url)
+            assert isinstance(stopped, SkipReason), "no fourth re-run"
+            assert isinstance(_reconcile(instance, database_url), SkipReason)
+    assert _sync_rows(database_url)[1:] == [(sync_id, "failed", True, 3)]
+    [alert] = webhook.received
+    assert alert["sync_id"] == sync_id and alert["status"] == "failed"
+    assert "HTTP 5" in alert["error"] and "after 3 re-runs" in alert["text"], alert
+    assert sim.api_key not in json.dumps(alert)
 
 
-def test_neighbouring_failed_ranges_are_retried_in_one_run() -> None:
-    order = ["p1", "p2", "p3", "p4", "p5", "p6"]
-    assert contiguous_blocks(["p5", "p1", "p2", "p4"], order) == [["p1", "p2"], ["p4", "p5"]]
-    assert contiguous_blocks([], order) == []
-
-
-def test_partitions_of_a_stale_run_are_left_to_its_rerun(
-    database_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+def test_a_failed_sync_older_than_the_resume_limit_starts_afresh(
+    database_url: str, tmp_path: Path
 ) -> None:
-    use_dagster_home(tmp_path / "dagster", database_url, monkeypatch)
-    for name, value in (("API_BASE_URL", "http://127.0.0.1:9"), ("API_KEY", "k")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    full_sync = load_definitions().resolve_job_def("full_sync")
-    with DagsterInstance.get() as instance:
-        stale = instance.create_run_for_job(
-            job_def=full_sync, status=DagsterRunStatus.STARTED, tags={STALE_TAG: "true"}
+    with start_simulator(cars=6_000, seed=33, args=["--latency-ms", "30"]) as sim:
+        env = carsync_env(
+            tmp_path, database_url, sim, CARSYNC_PARTITION_SIZE="500", CARSYNC_CONCURRENCY="2"
         )
-        instance.report_run_failed(stale, "carsync stale-run sensor: test")
-        # The one tick between the stale-run sensor failing a run and its re-run being created.
-        assert stale_recovery_pending(instance)
-        skipped = retry_failed_partitions(build_sensor_context(instance=instance), limit=3)
-        assert isinstance(skipped, SkipReason) and "stale-run" in str(skipped.skip_message)
-        instance.create_run_for_job(
-            job_def=full_sync, status=DagsterRunStatus.SUCCESS, tags={RECOVERS_TAG: stale.run_id}
+        _interrupt(_start_sync(env, tmp_path), database_url, tmp_path, landed=3)
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("UPDATE carsync.sync_runs SET started_at = now() - interval '7 hours'")
+        summary = _sync(env, tmp_path)  # CARSYNC_RESUME_MAX_AGE is 6 hours
+        assert summary["partitions_resumed"] == 0 and summary["pages"] == 60
+        [(old, old_status, _, _), (new, status, _, _)] = _sync_rows(database_url)
+        assert old != new and (old_status, status) == ("failed", "succeeded")
+        assert differences(sim.control.truth(), database_url, strict=True) == []
+
+
+def test_kill_change_incremental_then_resume_never_writes_older_data(
+    database_url: str, tmp_path: Path
+) -> None:
+    with start_simulator(cars=6_000, seed=34, args=["--latency-ms", "30"]) as sim:
+        env = carsync_env(
+            tmp_path, database_url, sim, CARSYNC_PARTITION_SIZE="500", CARSYNC_CONCURRENCY="2"
         )
-        assert not stale_recovery_pending(instance)
+        _sync(env, tmp_path)
+        killed = _interrupt(_start_sync(env, tmp_path), database_url, tmp_path, landed=4)
+        landing = Landing(tmp_path / "data" / "landing")
+        landed = [record for key in _landed_by(tmp_path, killed) for record in landing.records(key)]
+        landed_ids = set(normalise(landed, this_year=2026).cars.get_column("id"))
+        changes = sim.control.mutate(update=300, delete=100)
+        incremental = _sync(env, tmp_path, "--incremental")
+        assert incremental["updated"] == 300
+        resumed = _sync(env, tmp_path)
+        assert resumed["partitions_resumed"] > 0, "the killed sync was continued"
+        truth = sim.control.truth()
+        rows = cars_by_id(database_url)
+        for car in truth["cars"]:  # no listing holds older values than the source
+            assert rows[car["id"]]["price"] == _price(car), car["id"]
+        problems = differences(truth, database_url, strict=True)
+        # Read (landed) before they were deleted: they go at the next full sync (README).
+        still_active = {i for i in changes["deleted"] if rows[i]["is_active"]}
+        assert still_active == set(changes["deleted"]) & landed_ids
+        if still_active:
+            example = sorted(still_active)[:3]
+            assert problems == [f"{len(still_active)} active cars not in the feed, e.g. {example}"]
+        else:
+            assert problems == []
+        _sync(env, tmp_path)
+        assert differences(sim.control.truth(), database_url, strict=True) == []
+
+
+def _price(car: dict[str, Any]) -> Any:
+    from decimal import Decimal
+
+    return Decimal(str(car["price"]))
+
+
+def test_a_listing_range_means_the_same_listings_at_any_page_size(
+    database_url: str, tmp_path: Path
+) -> None:
+    with start_simulator(cars=6_000, seed=35, args=["--latency-ms", "30"]) as sim:
+        env = carsync_env(
+            tmp_path, database_url, sim, CARSYNC_PARTITION_SIZE="500", CARSYNC_CONCURRENCY="2"
+        )
+        killed = _interrupt(_start_sync(env, tmp_path), database_url, tmp_path, landed=3)
+        landed = len(_landed_by(tmp_path, killed))
+        # Resumed at another page size: the landed ranges keep their meaning, and count.
+        resumed = _sync({**env, "CARSYNC_PAGE_SIZE": "300"}, tmp_path)
+        assert resumed["partitions_resumed"] == landed
+        assert differences(sim.control.truth(), database_url, strict=True) == []
+        sim.control.mutate(update=40, insert=25, delete=25)
+        _sync({**env, "CARSYNC_PAGE_SIZE": "7"}, tmp_path)
+        assert differences(sim.control.truth(), database_url, strict=True) == []
+
+
+@pytest.mark.parametrize(
+    ("runs", "verdict"),
+    [
+        ([], Verdict("running")),
+        ([RunFacts(DagsterRunStatus.STARTED)], Verdict("running")),
+        ([RunFacts(DagsterRunStatus.SUCCESS, backfill_active=True)], Verdict("running")),
+        (
+            [RunFacts(DagsterRunStatus.FAILURE), RunFacts(DagsterRunStatus.SUCCESS)],
+            Verdict("partial", "its closing steps did not run", resumable=True),
+        ),
+        (
+            [RunFacts(DagsterRunStatus.CANCELED)],
+            Verdict("interrupted", "the run was canceled", True),
+        ),
+        (
+            [RunFacts(DagsterRunStatus.FAILURE, Verdict("blocked", "check x failed"))],
+            Verdict("blocked", "check x failed"),
+        ),
+        (
+            [RunFacts(DagsterRunStatus.FAILURE)],
+            Verdict("failed", "the run failed", resumable=True),
+        ),
+    ],
+)
+def test_a_full_sync_is_judged_by_its_last_run(runs: list[RunFacts], verdict: Verdict) -> None:
+    assert judge("full", closed=False, runs=runs) == verdict
+
+
+def test_a_closed_full_sync_succeeds_with_its_failed_checks_listed() -> None:
+    last = RunFacts(DagsterRunStatus.SUCCESS, checks_failed=("rejected_fraction",))
+    assert judge("full", True, [last]) == Verdict("succeeded", checks_failed=("rejected_fraction",))
+    assert judge("ranges", False, [RunFacts(DagsterRunStatus.SUCCESS)]).status == "succeeded"
+
+
+@pytest.fixture
+def webhook() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver() as receiver:
+        yield receiver

@@ -7,9 +7,29 @@ from carsync_dagster.settings import SettingsError, load_settings, redact
 
 def test_defaults_follow_the_operations_contract() -> None:
     settings = load_settings({})
-    assert (settings.page_size, settings.pages_per_partition, settings.concurrency) == (100, 50, 16)
+    assert (settings.page_size, settings.concurrency) == (100, 16)
+    assert settings.listings_per_partition == 5_000
     assert settings.rps == 0 and settings.schema_name == "carsync"
     assert settings.api_base_url is None and settings.database_url is None
+    assert (settings.resume_max_age, settings.max_recoveries) == (6 * 3600, 3)
+
+
+def test_a_partition_is_a_number_of_listings_however_it_is_said() -> None:
+    assert load_settings({"CARSYNC_PARTITION_SIZE": "2000"}).listings_per_partition == 2000
+    pages = {"CARSYNC_PAGES_PER_PARTITION": "20", "CARSYNC_PAGE_SIZE": "50"}
+    assert load_settings(pages).listings_per_partition == 1000, "pages of the page size"
+    both = {**pages, "CARSYNC_PARTITION_SIZE": "3000"}
+    assert load_settings(both).listings_per_partition == 3000
+
+
+def test_a_real_database_is_never_filled_from_the_simulator_unasked() -> None:
+    settings = load_settings({"DATABASE_URL": "postgresql://u:hunter2@db/warehouse"})
+    with pytest.raises(SettingsError) as error:
+        settings.check_source(simulated=False)
+    assert str(error.value).startswith("API_BASE_URL: ") and "--simulator" in str(error.value)
+    assert "hunter2" not in str(error.value)
+    settings.check_source(simulated=True)  # asked for explicitly
+    load_settings({}).check_source(simulated=False)  # the embedded database: simulated is fine
 
 
 def test_flags_override_the_environment() -> None:
@@ -41,7 +61,9 @@ def test_redact_hides_key_and_password_in_any_spelling() -> None:
         ("CARSYNC_FULL_SYNC_CRON", "every night"),
         ("CARSYNC_INCREMENTAL_SYNC_CRON", "*/15 * *"),
         ("CARSYNC_SENSOR_INTERVAL", "0"),
-        ("CARSYNC_PARTITION_RETRIES", "-1"),
+        ("CARSYNC_MAX_RECOVERIES", "-1"),
+        ("CARSYNC_RESUME_MAX_AGE", "-5"),
+        ("CARSYNC_PARTITION_SIZE", "0"),
     ],
 )
 def test_bad_automation_settings_name_the_setting(name: str, value: str) -> None:

@@ -22,7 +22,8 @@ from carsync_dagster.transform import (
     normalise,
 )
 
-EXAMPLES_PATH = Path(__file__).resolve().parents[2] / "shared/contract/normalisation-examples.json"
+# The repository's own copy of the contract (docs/contract/), so a clone needs nothing beside it.
+EXAMPLES_PATH = Path(__file__).resolve().parents[1] / "docs/contract/normalisation-examples.json"
 EXAMPLES: list[dict[str, Any]] = json.loads(EXAMPLES_PATH.read_text())["examples"]
 THIS_YEARS = (2026, 2060)  # the examples hold for any sync year from 2026 to 2060
 YEAR = 2026
@@ -495,7 +496,22 @@ def test_rejected_row_holds_id_raw_and_hash() -> None:
         "raw_hash": hashlib.sha256(canonical).hexdigest(),
         "reason": "year: 'nineteen-ninety' is not an integer",
         "raw": canonical.decode(),
+        "raw_bytes": None,  # only for a record whose bytes are not UTF-8
     }
+
+
+def test_a_record_whose_bytes_are_not_utf8_is_quarantined_with_them() -> None:
+    """The landing hands such a record over as its bytes (source.client.page_records)."""
+    raw = b'{"id": "KA7", "color": "Bl\xffue", "year": 2020}'
+    valid = with_changes(id="KA8")
+    batch = normalise([raw, valid], this_year=YEAR)
+    assert batch.cars.get_column("id").to_list() == ["KA8"], "the rest of the page is kept"
+    rejected = batch.rejected.row(0, named=True)
+    assert rejected["id"] == "KA7"
+    assert rejected["reason"] == "record: not valid UTF-8 (byte 0xff at offset 26)"
+    assert orjson.loads(rejected["raw"]) == {"id": "KA7", "color": "Bl\ufffdue", "year": 2020}
+    assert bytes.fromhex(rejected["raw_bytes"].removeprefix("\\x")) == raw
+    assert rejected["raw_hash"] == hashlib.sha256(raw).hexdigest()
 
 
 def test_nul_characters_become_replacement_characters_in_raw() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import psycopg
 import pytest
 
 from carsync_dagster.transform import normalise
-from carsync_dagster.warehouse.load import merge_batch, merge_batches
+from carsync_dagster.warehouse.load import ConcurrentMerge, merge_batch
 from carsync_dagster.warehouse.normalised_store import NormalisedStore
 from carsync_dagster.warehouse.schema import MIGRATIONS, migrate
 from carsync_dagster_tests.conftest import errors_when_started_together
@@ -127,17 +129,16 @@ def test_batches_merge_side_by_side(conn: psycopg.Connection, database_url: str)
         [_car(i) for i in range(20, 30)] + [_car(12, price={"amount": 9, "currency": "KRW"})],
         this_year=2026,
     )
-    merged = list(
-        merge_batches(
-            lambda: psycopg.connect(database_url),
-            "carsync",
-            list(batches),
-            lambda key: (batches[key].cars, batches[key].rejected),
-            "side-by-side",
-        )
+    with ConcurrentMerge(lambda: psycopg.connect(database_url), "carsync", "side-by-side") as merge:
+        futures = [merge.submit(key, batch.cars, batch.rejected) for key, batch in batches.items()]
+        merged = [future.result()[0] for future in futures]
+    assert sum(counts.inserted + counts.updated for counts in merged) >= 40
+    checkpoints = conn.execute(
+        "SELECT partition_key, seen FROM carsync.sync_partitions ORDER BY 1"
+    ).fetchall()
+    assert checkpoints == [("b0", 10), ("b1", 10), ("b2", 11), ("b3", 10)], (
+        "merged, in its own transaction"
     )
-    assert [key for key, _, _ in merged] == ["b0", "b1", "b2", "b3"], "results in key order"
-    assert sum(counts.inserted + counts.updated for _, counts, _ in merged) >= 40
     rows = conn.execute("SELECT count(*), count(DISTINCT id) FROM carsync.cars").fetchone()
     assert rows == (40, 40)
     seen = conn.execute(
@@ -212,3 +213,53 @@ def test_normalised_files_are_reused_only_when_made_from_the_same_source(tmp_pat
     assert store.reusable("p2", "pages-a") is None
     (tmp_path / "p1.cars.parquet").unlink()
     assert store.reusable("p1", "pages-a") is None, "a missing file is made again"
+
+
+@pytest.mark.parametrize("newer_first", [True, False], ids=["newer_commits_first", "older_first"])
+def test_the_newer_version_wins_whatever_the_commit_order(
+    conn: psycopg.Connection, database_url: str, newer_first: bool
+) -> None:
+    """Two batches hold one listing (page drift, a resumed sync's landed pages). The first
+    merge holds its transaction open while the second starts: the second waits on the row,
+    then finds it committed. Either way round, the newer source_updated_at is what stays."""
+    _merge(conn, [_car(1), _car(2)])
+    conn.commit()
+    older = _car(1, updated_at="2026-01-03T00:00:00Z", price={"amount": 3, "currency": "KRW"})
+    newer = _car(1, updated_at="2026-01-04T00:00:00Z", price={"amount": 4, "currency": "KRW"})
+    first, second = (newer, older) if newer_first else (older, newer)
+    waiting: list[str] = []
+    with psycopg.connect(database_url) as holder, psycopg.connect(database_url) as other:
+        holder_pid = holder.info.backend_pid
+        with holder.transaction():
+            _merge(holder, [first, _car(2)])  # merged, not committed: its row lock stays
+
+            def merge_second() -> None:
+                _merge(other, [second])
+
+            thread = threading.Thread(target=merge_second)
+            thread.start()
+            deadline = time.monotonic() + 30
+            while not waiting and time.monotonic() < deadline:
+                waiting = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT wait_event_type FROM pg_stat_activity"
+                        " WHERE pid = %s AND wait_event_type = 'Lock'"
+                        " AND %s = ANY(pg_blocking_pids(pid))",
+                        (other.info.backend_pid, holder_pid),
+                    )
+                ]
+                conn.commit()
+                time.sleep(0.05)
+            assert waiting == ["Lock"], "the two merges overlap: the second waits on the row"
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    row = conn.execute(
+        "SELECT price, source_updated_at FROM carsync.cars WHERE id = 'KA000000001'"
+    ).fetchone()
+    assert row is not None and row[0] == 4, "the newer version of the listing stays"
+    history = conn.execute(
+        "SELECT old_value, new_value FROM carsync.car_changes"
+        " WHERE id = 'KA000000001' AND field = 'price' ORDER BY changed_at"
+    ).fetchall()
+    assert history[-1][1] == "4"

@@ -3,15 +3,9 @@
 import time
 from datetime import UTC, datetime
 
-from dagster import DagsterInstance
 from dagster._utils.schedules import cron_string_iterator
 
-from carsync_dagster.orchestration.partitions import page_ranges
 from carsync_dagster.settings import Settings
-
-
-def page_range_count(instance: DagsterInstance) -> int:
-    return len(instance.get_dynamic_partitions(str(page_ranges.name)))
 
 
 def next_ticks(settings: Settings) -> dict[str, datetime]:

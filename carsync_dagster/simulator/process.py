@@ -67,6 +67,12 @@ class SimulatorControl:
         result: list[str] = self._call("POST", "/_sim/fix", body)["fixed"]
         return result
 
+    def break_pages(self, pages: Mapping[int, str]) -> dict[str, str]:
+        """Serve list pages broken (server.BREAKAGES) until mended (`"mend"`); returns all."""
+        body = {"pages": {str(page): how for page, how in pages.items()}}
+        result: dict[str, str] = self._call("POST", "/_sim/break", body)["broken_pages"]
+        return result
+
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/_sim/stats")
         return result

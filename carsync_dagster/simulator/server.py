@@ -33,7 +33,13 @@ MAINTENANCE_PAGE = (
     b"</body></html>\n"
 )
 ERROR_STATUSES = (500, 502, 503, 504)
-CONTROL_POSTS = ("/_sim/mutate", "/_sim/undelete", "/_sim/fix", "/_sim/config")
+CONTROL_POSTS = ("/_sim/mutate", "/_sim/undelete", "/_sim/fix", "/_sim/config", "/_sim/break")
+# How /_sim/break serves a list page, every time it is asked for, until it is mended.
+BREAKAGES = {
+    "no_data": "a body without a data list",
+    "not_json": "a body that is not JSON",
+    "bad_utf8": "a record with bytes that are not UTF-8 (the page itself is fine)",
+}
 CLIENT_GONE = 499  # recorded in the stats for a hang the client gave up on
 
 Message = dict[str, Any]
@@ -147,6 +153,7 @@ class SimulatorApp:
         self.stats = Stats()
         self.rng = random.Random(faults.fault_seed)
         self.bucket = self._bucket()
+        self.broken_pages: dict[int, str] = {}  # list page number → one of BREAKAGES
 
     def _bucket(self) -> TokenBucket | None:
         f = self.faults
@@ -246,7 +253,17 @@ class SimulatorApp:
             "last_page": max(1, -(-total // per_page)),
             "total": total,
         }
-        return orjson.dumps({"data": data, "meta": meta})
+        broken = self.broken_pages.get(page) if since is None else None
+        if broken == "no_data":
+            return orjson.dumps({"meta": meta})
+        if broken == "not_json":
+            return b'{"data": [{"id": '
+        body = orjson.dumps({"data": data, "meta": meta})
+        if broken == "bad_utf8" and data:
+            # The first record's first string value gets a byte that no UTF-8 text holds.
+            start = body.index(b'":"', body.index(b'"data":[{')) + 3
+            body = body[:start] + b"\xff\xfe" + body[start:]
+        return body
 
     # ---- control endpoints --------------------------------------------------------------
 
@@ -298,6 +315,18 @@ class SimulatorApp:
             if seed is not None and not isinstance(seed, int):
                 raise ValueError("seed must be an integer")
             return {"fixed": self.store.fix(count, ids, seed)}
+        if path == "/_sim/break":
+            pages = body.get("pages")
+            if not isinstance(pages, dict) or not all(
+                str(page).isdigit() and how in (*BREAKAGES, "mend") for page, how in pages.items()
+            ):
+                raise ValueError(f"pages must map page numbers to one of {[*BREAKAGES, 'mend']}")
+            for page, how in pages.items():
+                if how == "mend":
+                    self.broken_pages.pop(int(page), None)
+                else:
+                    self.broken_pages[int(page)] = how
+            return {"broken_pages": {str(k): v for k, v in sorted(self.broken_pages.items())}}
         self.faults.update(body)  # /_sim/config
         if "fault_seed" in body:
             self.rng = random.Random(self.faults.fault_seed)

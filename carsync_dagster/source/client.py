@@ -25,6 +25,7 @@ from carsync_dagster.source.errors import (
     ApiAuthError,
     ApiConfigError,
     ApiError,
+    PageUnavailableError,
     RetryableApiError,
 )
 from carsync_dagster.source.ratelimit import RateControl
@@ -104,6 +105,30 @@ def check_page(number: int, body: bytes, seconds: float) -> Page:
         return parse_page(number, body, seconds).without_records()
     meta = shape.meta
     return Page(number, [], meta.last_page, meta.total, body, seconds, len(shape.data))
+
+
+class _RawRecords(msgspec.Struct):
+    data: list[msgspec.Raw]
+
+
+_raw_records = msgspec.json.Decoder(_RawRecords)
+
+
+def page_records(body: bytes) -> list[Any]:
+    """The records of a checked page. A record whose bytes are not UTF-8 (JSON's encoding)
+    comes back as those bytes, so one bad record costs itself, not its page."""
+    try:
+        records: list[Any] = parse_json(body)["data"]
+        return records
+    except UnicodeDecodeError:  # rare: split the page and parse record by record
+        return [_record(bytes(raw)) for raw in _raw_records.decode(body).data]
+
+
+def _record(raw: bytes) -> Any:
+    try:
+        return parse_json(raw)
+    except UnicodeDecodeError:
+        return raw
 
 
 def parse_page(number: int, body: bytes, seconds: float) -> Page:
@@ -239,8 +264,9 @@ class ListingsClient:
                     self.breaker.release(probe)
                 attempts += 0 if probe else 1
                 if attempts >= self.policy.max_attempts:
-                    raise ApiError(
-                        f"{what}: gave up after {attempts} attempts, last: {error}"
+                    last = str(error).removeprefix(f"{what}: ")
+                    raise PageUnavailableError(
+                        f"{what}: {last} (gave up after {attempts} attempts)", kind=error.kind
                     ) from None
                 self.stats.retries += 1
                 await asyncio.sleep(self._backoff(attempts, error.retry_after))

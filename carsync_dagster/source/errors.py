@@ -30,3 +30,17 @@ class RetryableApiError(ApiError):
     def is_server_failure(self) -> bool:
         """429 is the server pacing us, not failing: it never trips the circuit breaker."""
         return self.kind != "429"
+
+
+class PageUnavailableError(ApiError):
+    """A request that failed every attempt. Fetching pages, it costs the page's partition, not
+    the sync. `permanent` when the answer itself is broken (no data list, not JSON): asking again
+    the same way would fail the same way, so the sync that meets it is not resumed."""
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    @property
+    def permanent(self) -> bool:
+        return self.kind in ("bad_body", "truncated")

@@ -9,13 +9,19 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from carsync_dagster.source.client import ListingsClient, Page
+from carsync_dagster.source.errors import PageUnavailableError
 
 
 @dataclass(frozen=True)
 class PartitionPages:
+    """A partition's pages, and which of their records are its own: listings `skip`.. of the
+    first page on, `take` of them (all of them when None)."""
+
     key: str
     first_page: int
     last_page: int
+    skip: int = 0
+    take: int | None = None
 
 
 class PartitionSink(Protocol):
@@ -31,6 +37,14 @@ class PartitionSink(Protocol):
 _UNANSWERED_PER_SLOT = 8
 
 
+@dataclass
+class _Fetching:
+    sink: PartitionSink
+    remaining: int
+    started: float
+    failed: bool = False
+
+
 async def fetch_partitions(
     client: ListingsClient,
     partitions: Sequence[PartitionPages],
@@ -38,6 +52,7 @@ async def fetch_partitions(
     open_sink: Callable[[PartitionPages], PartitionSink],
     on_page: Callable[[Page], None] | None = None,
     concurrency: int = 16,
+    on_failed: Callable[[PartitionPages, PageUnavailableError], None] | None = None,
 ) -> None:
     """Fetch every page of `partitions` into a sink each, completing each partition as soon as
     its last page arrives.
@@ -45,23 +60,36 @@ async def fetch_partitions(
     Partitions start in order while fewer than `_UNANSWERED_PER_SLOT * concurrency` pages are
     unanswered, however many partitions that spans: a partition waiting on one slow page holds
     back nothing but itself, and its other pages wait in its sink (on disk), not in memory.
-    The first error that is not retried cancels the rest; the sinks of unfinished partitions
-    are discarded."""
+    A page that fails all its attempts costs its partition only: its sink is discarded, the
+    rest of it is not asked for, and `on_failed` hears of it. Any other error cancels the rest;
+    the sinks of unfinished partitions are discarded."""
     unanswered = asyncio.Semaphore(_UNANSWERED_PER_SLOT * concurrency)
-    open_sinks: dict[str, PartitionSink] = {}
-    remaining: dict[str, int] = {}
+    fetching: dict[str, _Fetching] = {}
 
-    async def fetch_page(partition: PartitionPages, number: int, started: float) -> None:
+    async def fetch_page(partition: PartitionPages, number: int) -> None:
+        state = fetching[partition.key]
         try:
+            if state.failed:
+                return
             page = await client.get_page(number, per_page, with_records=False)
+        except PageUnavailableError as error:
+            if not state.failed:
+                state.failed = True
+                state.sink.discard()
+                if on_failed is not None:
+                    on_failed(partition, error)
+            return
         finally:
             unanswered.release()
-        open_sinks[partition.key].add(page)
+        if state.failed:
+            return
+        state.sink.add(page)
         if on_page is not None:
             on_page(page)
-        remaining[partition.key] -= 1
-        if remaining[partition.key] == 0:
-            open_sinks.pop(partition.key).complete(time.perf_counter() - started)
+        state.remaining -= 1
+        if state.remaining == 0:
+            del fetching[partition.key]
+            state.sink.complete(time.perf_counter() - state.started)
 
     try:
         async with asyncio.TaskGroup() as group:
@@ -71,14 +99,17 @@ async def fetch_partitions(
                 if not numbers:  # past the feed's last page: landed empty
                     sink.complete(0.0)
                     continue
-                open_sinks[partition.key], remaining[partition.key] = sink, len(numbers)
-                started = time.perf_counter()
+                state = _Fetching(sink, len(numbers), time.perf_counter())
+                fetching[partition.key] = state
                 for number in numbers:
+                    if state.failed:
+                        break
                     await unanswered.acquire()
-                    group.create_task(fetch_page(partition, number, started))
+                    group.create_task(fetch_page(partition, number))
     finally:
-        for sink in open_sinks.values():
-            sink.discard()
+        for state in fetching.values():
+            if not state.failed:
+                state.sink.discard()
 
 
 async def fetch_updated_since(
@@ -100,3 +131,8 @@ async def fetch_updated_since(
             tasks = [group.create_task(client.get_page(n, per_page, since)) for n in chunk]
         on_batch([task.result() for task in tasks])
     return first.last_page if first.records else 1
+
+
+async def feed_total(client: ListingsClient) -> int:
+    """How many listings the feed has (meta.total), from a page of one listing."""
+    return (await client.get_page(1, 1, with_records=False)).total

@@ -2,7 +2,9 @@
 
 One file per partition, one page body per line, plus a small manifest written last (by rename),
 so a partition either is landed completely or not at all. Pages are spooled to disk as they
-arrive, so a partition that waits on a slow page holds none of its bodies in memory.
+arrive, so a partition that waits on a slow page holds none of its bodies in memory. A page that
+reaches past the partition's listings is landed whole; the manifest says which of its records
+(`skip`, `take`) are the partition's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import orjson
 
 from carsync_dagster.files import replacing
-from carsync_dagster.source.client import Page, parse_json
+from carsync_dagster.source.client import Page, page_records
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,9 @@ class LandedPartition:
     pages: int
     records: int
     seconds: float
-    digest: str = ""  # of the landed bytes: partitions with equal digests hold equal pages
+    digest: str = ""  # of the landed bytes and the cut: equal digests, equal records
+    skip: int = 0  # records of the first page before the partition's first listing
+    take: int | None = None  # the partition's records from there (None: all)
 
 
 class Landing:
@@ -51,8 +55,11 @@ class Landing:
         key: str,
         sync_id: str,
         on_landed: Callable[[LandedPartition], None] | None = None,
+        *,
+        skip: int = 0,
+        take: int | None = None,
     ) -> LandingWriter:
-        return LandingWriter(self, key, sync_id, on_landed)
+        return LandingWriter(self, key, sync_id, on_landed, skip=skip, take=take)
 
     def write(
         self, key: str, sync_id: str, pages: Sequence[Page], seconds: float
@@ -63,15 +70,18 @@ class Landing:
         return writer.complete(seconds)
 
     def records(self, key: str) -> list[Any]:
-        """Every record of the partition's landed pages, in page order."""
-        if self.manifest(key) is None:
+        """The partition's records, in page order. A record whose bytes are not UTF-8 comes as
+        those bytes (`bytes`, which no JSON value is), for the quarantine to keep."""
+        landed = self.manifest(key)
+        if landed is None:
             raise FileNotFoundError(
                 f"partition {key} has no landed pages: materialise `pages` for it first"
             )
         records: list[Any] = []
         for line in self._lines(key):
-            records.extend(parse_json(line)["data"])
-        return records
+            records.extend(page_records(line))
+        end = None if landed.take is None else landed.skip + landed.take
+        return records[landed.skip : end]
 
     def _lines(self, key: str) -> Iterator[bytes]:
         with self.data_path(key).open("rb") as landed:
@@ -89,10 +99,16 @@ class LandingWriter:
         key: str,
         sync_id: str,
         on_landed: Callable[[LandedPartition], None] | None,
+        *,
+        skip: int = 0,
+        take: int | None = None,
     ) -> None:
         landing.root.mkdir(parents=True, exist_ok=True)
         self._landing, self._key, self._sync_id, self._on_landed = landing, key, sync_id, on_landed
-        self._spool_path = landing.root / f"{key}.spool"
+        self._skip, self._take = skip, take
+        # One spool per process: a second writer of the key (which the writer lock should
+        # prevent) could otherwise interleave its pages with these.
+        self._spool_path = landing.root / f"{key}.{os.getpid()}.spool"
         self._spool = self._spool_path.open("w+b")
         self._spooled: list[tuple[int, int, int]] = []  # (page number, offset, length)
         self._records = 0
@@ -109,14 +125,22 @@ class LandingWriter:
         landing, key = self._landing, self._key
         self._spool.flush()
         landing.manifest_path(key).unlink(missing_ok=True)
-        digest = hashlib.blake2b(digest_size=16)
+        digest = hashlib.blake2b(f"{self._skip}:{self._take}".encode(), digest_size=16)
         with replacing(landing.data_path(key)) as tmp, tmp.open("wb") as out:
             for _, offset, length in sorted(self._spooled):
                 line = os.pread(self._spool.fileno(), length, offset)
                 out.write(line)
                 digest.update(line)
+        records = max(0, self._records - self._skip)
         landed = LandedPartition(
-            key, self._sync_id, len(self._spooled), self._records, seconds, digest.hexdigest()
+            key,
+            self._sync_id,
+            len(self._spooled),
+            records if self._take is None else min(records, self._take),
+            seconds,
+            digest.hexdigest(),
+            self._skip,
+            self._take,
         )
         with replacing(landing.manifest_path(key)) as tmp:
             tmp.write_bytes(orjson.dumps(asdict(landed)))

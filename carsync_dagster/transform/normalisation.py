@@ -8,7 +8,7 @@ import polars as pl
 import polars_hash as plh
 
 from carsync_dagster.transform.flatten import flatten
-from carsync_dagster.transform.rejects import not_an_object_reason, raw_json, reason
+from carsync_dagster.transform.rejects import not_an_object_reason, raw_json, reason, undecodable
 
 CARS_SCHEMA: dict[str, pl.DataType] = {
     "id": pl.String(),
@@ -35,7 +35,8 @@ CARS_SCHEMA: dict[str, pl.DataType] = {
 }
 CARS_COLUMNS: tuple[str, ...] = tuple(CARS_SCHEMA)
 SOURCE_COLUMNS = CARS_COLUMNS[:-1]
-REJECTED_COLUMNS: tuple[str, ...] = ("id", "raw_hash", "reason", "raw")
+# raw_bytes: the record's own bytes (bytea hex), only when they are not UTF-8.
+REJECTED_COLUMNS: tuple[str, ...] = ("id", "raw_hash", "reason", "raw", "raw_bytes")
 REJECTED_SCHEMA: dict[str, pl.DataType] = dict.fromkeys(REJECTED_COLUMNS, pl.String())
 
 MANUFACTURERS = (
@@ -92,6 +93,9 @@ _RFC3339 = (
 )
 
 
+Rejected = tuple[str | None, str, str, str, str | None]  # a row of REJECTED_COLUMNS
+
+
 @dataclass(frozen=True)
 class Batch:
     cars: pl.DataFrame  # valid records, normalised, columns CARS_COLUMNS in order
@@ -115,13 +119,16 @@ def normalise(records: Sequence[object], *, this_year: int) -> Batch:
     cars = checked.filter(pl.col("rule").is_null()).select(SOURCE_COLUMNS)
     cars = cars.with_columns(data_hash=data_hash_of(cars))
 
-    rejected: dict[tuple[str | None, str], tuple[str | None, str, str, str]] = {}
+    rejected: dict[tuple[str | None, str], Rejected] = {}
     failures = checked.filter(pl.col("rule").is_not_null()).select("position", "id", "rule")
     for position, car_id, rule in failures.iter_rows():
         record = objects[position]
         _add_rejected(rejected, car_id, record, reason(rule, record, this_year))
     for item in records:
-        if type(item) is not dict:
+        if type(item) is bytes:  # its bytes are not UTF-8 (source.landing)
+            row = undecodable(item)
+            rejected.setdefault((row[0], row[1]), row)
+        elif type(item) is not dict:
             _add_rejected(rejected, None, item, not_an_object_reason(item))
     return Batch(cars, pl.DataFrame(list(rejected.values()), schema=REJECTED_SCHEMA, orient="row"))
 
@@ -137,13 +144,13 @@ def data_hash_of(frame: pl.DataFrame) -> pl.Series:
 
 
 def _add_rejected(
-    rejected: dict[tuple[str | None, str], tuple[str | None, str, str, str]],
+    rejected: dict[tuple[str | None, str], Rejected],
     car_id: str | None,
     record: object,
     why: str,
 ) -> None:
     raw, raw_hash = raw_json(record)
-    rejected.setdefault((car_id, raw_hash), (car_id, raw_hash, why, raw))
+    rejected.setdefault((car_id, raw_hash), (car_id, raw_hash, why, raw, None))
 
 
 def _cleaned() -> list[pl.Expr]:

@@ -27,6 +27,25 @@ def raw_json(item: object) -> tuple[str, str]:
     return raw, hashlib.sha256(raw.encode()).hexdigest()
 
 
+def undecodable(raw: bytes) -> tuple[str | None, str, str, str, str]:
+    """(id, raw_hash, reason, raw, raw_bytes) of a record whose bytes are not UTF-8: raw is
+    what it says with each bad byte as U+FFFD, raw_bytes the bytes themselves (bytea hex)."""
+    try:
+        raw.decode()
+        where = ""
+    except UnicodeDecodeError as error:
+        where = f" (byte 0x{raw[error.start]:02x} at offset {error.start})"
+    text = raw.decode(errors="replace")
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = text
+    car_id = as_text(record.get("id")) if type(record) is dict else None
+    stored, _ = raw_json(record)
+    reason = f"record: not valid UTF-8{where}"
+    return car_id, hashlib.sha256(raw).hexdigest(), reason, stored, "\\x" + raw.hex()
+
+
 def _canonical_json(value: object) -> str:
     try:
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()

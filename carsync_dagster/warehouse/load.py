@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import queue
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -69,7 +69,8 @@ def _session_staging(cur: psycopg.Cursor, schema: str) -> None:
 
 
 def _only(frame: pl.DataFrame, ids: list[str]) -> pl.DataFrame:
-    return frame.filter(pl.col("id").is_in(pl.Series(ids, dtype=pl.String)))
+    # implode(): one list to look in (a one-element Series is ambiguous to polars).
+    return frame.filter(pl.col("id").is_in(pl.Series(ids, dtype=pl.String).implode()))
 
 
 def merge_batch(
@@ -80,11 +81,13 @@ def merge_batch(
     sync_id: str,
     *,
     mostly_changed: bool = False,
+    partition_key: str | None = None,
 ) -> MergeCounts:
-    """Stage and merge one partition's records in a single transaction, recording the ids as
-    seen by `sync_id`. With `mostly_changed` (a first load, say) whole rows are staged at once
-    instead of keys first: the merge checks every hash anyway, and keys would only be staged
-    and compared to find that nearly all rows must be staged too."""
+    """Stage and merge one batch of records in a single transaction, recording the ids as seen
+    by `sync_id` and, for a partition, that `sync_id` merged it (sync_partitions): the merge and
+    its checkpoint commit together. With `mostly_changed` (a first load, say) whole rows are
+    staged at once instead of keys first: the merge checks every hash anyway, and keys would
+    only be staged and compared to find that nearly all rows must be staged too."""
     with conn.transaction(), conn.cursor() as cur:
         set_search_path(conn, schema)
         cur.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(_LOCK_TIMEOUT)))
@@ -115,50 +118,71 @@ def merge_batch(
         every_id = "cars_staging" if mostly_changed else "cars_keys_staging"
         resolve = sql.SQL(read_sql("resolve_rejected.sql"))
         cur.execute(resolve.format(staging=sql.Identifier(every_id)))
+        if partition_key is not None:
+            cur.execute(
+                "INSERT INTO sync_partitions (sync_id, partition_key, seen) VALUES (%s, %s, %s)"
+                " ON CONFLICT (sync_id, partition_key)"
+                " DO UPDATE SET seen = EXCLUDED.seen, merged_at = now()",
+                (sync_id, partition_key, staged),
+            )
     newest = cars.get_column("source_updated_at").max()
     newest_update = newest if isinstance(newest, datetime) else None
     return MergeCounts(staged, inserted, updated, rejected.height, newest_update)
 
 
-def merge_batches(
-    connect: Callable[[], psycopg.Connection],
-    schema: str,
-    keys: Sequence[str],
-    read: Callable[[str], tuple[pl.DataFrame, pl.DataFrame]],
-    sync_id: str,
-    workers: int = 2,
-) -> Iterator[tuple[str, MergeCounts, float]]:
-    """Merge the batch of each key on `workers` connections at once (PostgreSQL does the work,
-    on as many cores), yielding (key, counts, seconds) in key order. How the last merged batch
-    went decides how the next is staged: a first load changes nearly every row, a re-sync few."""
-    connections: queue.Queue[psycopg.Connection] = queue.Queue()
-    last_changed_share = 0.0
+class ConcurrentMerge:
+    """Merges partitions on `workers` connections at once (PostgreSQL does the work, on as many
+    cores), in whatever order they are handed in. How the last merged batch went decides how
+    the next is staged: a first load changes nearly every row, a re-sync few."""
 
-    def merge(key: str) -> tuple[str, MergeCounts, float]:
-        nonlocal last_changed_share
-        conn = connections.get()
+    def __init__(
+        self,
+        connect: Callable[[], psycopg.Connection],
+        schema: str,
+        sync_id: str,
+        workers: int = 2,
+    ) -> None:
+        self._connect, self._schema, self._sync_id = connect, schema, sync_id
+        self._connections: queue.Queue[psycopg.Connection] = queue.Queue()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="merge")
+        self._stack = contextlib.ExitStack()
+        self._last_changed_share = 0.0
+        for _ in range(workers):
+            self._connections.put(self._stack.enter_context(connect()))
+
+    def __enter__(self) -> ConcurrentMerge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._stack.close()
+
+    def submit(
+        self, key: str, cars: pl.DataFrame, rejected: pl.DataFrame
+    ) -> Future[tuple[MergeCounts, float]]:
+        """The partition's (counts, seconds) once merged and checkpointed."""
+        return self._pool.submit(self._merge, key, cars, rejected)
+
+    def _merge(
+        self, key: str, cars: pl.DataFrame, rejected: pl.DataFrame
+    ) -> tuple[MergeCounts, float]:
+        conn = self._connections.get()
         try:
             began = time.perf_counter()
-            cars, rejected = read(key)
-            mostly_changed = last_changed_share > _MOSTLY_CHANGED
+            mostly_changed = self._last_changed_share > _MOSTLY_CHANGED
             for attempt in range(1, _DEADLOCK_RETRIES + 1):
                 try:
                     counts = merge_batch(
-                        conn, schema, cars, rejected, sync_id, mostly_changed=mostly_changed
-                    )
-                    last_changed_share = counts.changed / max(1, counts.staged)
+                        conn, self._schema, cars, rejected, self._sync_id,
+                        mostly_changed=mostly_changed, partition_key=key,
+                    )  # fmt: skip
                     break
                 except psycopg.errors.DeadlockDetected:
                     # Two batches holding one listing (page drift) can lock it in turn; the
                     # loser's transaction was rolled back whole, so it merges again.
                     if attempt == _DEADLOCK_RETRIES:
                         raise
-            return key, counts, time.perf_counter() - began
+            self._last_changed_share = counts.changed / max(1, counts.staged)
+            return counts, time.perf_counter() - began
         finally:
-            connections.put(conn)
-
-    with contextlib.ExitStack() as stack:
-        for _ in range(max(1, min(workers, len(keys)))):
-            connections.put(stack.enter_context(connect()))
-        with ThreadPoolExecutor(workers, thread_name_prefix="merge") as pool:
-            yield from pool.map(merge, keys)
+            self._connections.put(conn)

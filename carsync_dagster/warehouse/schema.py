@@ -18,6 +18,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     (2, "0002_history_seen_watermark.sql"),
     (3, "0003_key_staging.sql"),
     (4, "0004_seen_ids_unindexed.sql"),
+    (5, "0005_sync_lifecycle.sql"),
 )
 
 

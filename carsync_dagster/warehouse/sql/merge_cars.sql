@@ -1,7 +1,9 @@
 -- Merge cars_staging into cars in one statement. Staging holds the listings that
 -- changed_ids.sql found new, changed or back after being marked gone, or a whole batch that is
 -- mostly new; every one is checked here, so a row is written only when its data_hash changed or
--- it comes back, never otherwise.
+-- it comes back, never otherwise, and never from a version older than the stored one: two
+-- batches holding one listing (page drift, a resumed sync's landed pages) may commit in either
+-- order, and the newer source_updated_at wins whatever the order.
 -- The same statement records the history of price and status. Returns (inserted, updated).
 WITH incoming AS (
     -- Page drift can serve one listing twice; keep its newest version.
@@ -19,18 +21,11 @@ changed AS (
         c.is_active AS was_active
     FROM incoming AS i
     LEFT JOIN cars AS c ON c.id = i.id
-    WHERE c.id IS NULL OR c.data_hash IS DISTINCT FROM i.data_hash OR NOT c.is_active
-),
-history AS (
-    INSERT INTO car_changes (id, sync_id, field, old_value, new_value)
-    SELECT id, %(sync_id)s, 'price', old_price::text, price::text
-    FROM changed WHERE NOT is_new AND old_price IS DISTINCT FROM price
-    UNION ALL
-    SELECT id, %(sync_id)s, 'status', old_status, status
-    FROM changed WHERE NOT is_new AND old_status IS DISTINCT FROM status
-    UNION ALL
-    SELECT id, %(sync_id)s, 'is_active', 'false', 'true'
-    FROM changed WHERE NOT is_new AND NOT was_active
+    WHERE c.id IS NULL
+        OR (
+            (c.data_hash IS DISTINCT FROM i.data_hash OR NOT c.is_active)
+            AND (i.source_updated_at < c.source_updated_at) IS NOT TRUE
+        )
 ),
 merged AS (
     INSERT INTO cars AS c (
@@ -72,8 +67,23 @@ merged AS (
             WHEN c.data_hash IS DISTINCT FROM EXCLUDED.data_hash THEN now()
             ELSE c.changed_at
         END
-    WHERE c.data_hash IS DISTINCT FROM EXCLUDED.data_hash OR NOT c.is_active
-    RETURNING (xmax = 0) AS inserted
+    -- Checked again here: a batch that committed meanwhile may hold a newer version.
+    WHERE (c.data_hash IS DISTINCT FROM EXCLUDED.data_hash OR NOT c.is_active)
+        AND (EXCLUDED.source_updated_at < c.source_updated_at) IS NOT TRUE
+    RETURNING c.id, (xmax = 0) AS inserted
+),
+history AS (
+    -- Only rows the upsert really wrote: under a concurrent merge of a newer version, a row this
+    -- statement saw as changed may be left alone. Old values are as this statement saw them.
+    INSERT INTO car_changes (id, sync_id, field, old_value, new_value)
+    SELECT id, %(sync_id)s, 'price', old_price::text, price::text
+    FROM changed JOIN merged USING (id) WHERE NOT is_new AND old_price IS DISTINCT FROM price
+    UNION ALL
+    SELECT id, %(sync_id)s, 'status', old_status, status
+    FROM changed JOIN merged USING (id) WHERE NOT is_new AND old_status IS DISTINCT FROM status
+    UNION ALL
+    SELECT id, %(sync_id)s, 'is_active', 'false', 'true'
+    FROM changed JOIN merged USING (id) WHERE NOT is_new AND NOT was_active
 )
 SELECT
     count(*) FILTER (WHERE inserted) AS inserted,
