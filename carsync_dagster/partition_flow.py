@@ -95,7 +95,9 @@ class PartitionFlow:
     records_done: int = 0
     partitions_done: int = 0  # at their last stage, or failed
     feed_total: int | None = None  # meta.total, as the latest page said
+    feed_last_page: int | None = None  # meta.last_page, as the latest page said
     client: ListingsClient | None = None
+    _to_fetch: list[PartitionPages] = field(default_factory=list)
     _events: queue.Queue[PartitionDone | PartitionFailed | _Abort] = field(
         default_factory=queue.Queue
     )
@@ -194,6 +196,7 @@ class PartitionFlow:
             partitions.append(
                 PartitionPages(key, span.first_page, span.last_page, span.skip, span.take)
             )
+        self._to_fetch = partitions
         self.client = settings.client()
         async with self.client as client:
             await fetch_partitions(
@@ -208,8 +211,22 @@ class PartitionFlow:
                 on_failed=self._fetch_failed,
             )
 
+    @property
+    def pages_expected(self) -> int:
+        """Pages to fetch: those of the ranges to fetch, up to the feed's last page once known."""
+        last = self.feed_last_page
+        return sum(
+            len(
+                range(
+                    part.first_page,
+                    part.last_page + 1 if last is None else min(part.last_page, last) + 1,
+                )
+            )
+            for part in self._to_fetch
+        )
+
     def _page_done(self, page: Page) -> None:
-        self.feed_total = page.total
+        self.feed_total, self.feed_last_page = page.total, page.last_page
         self.pages_done += 1
         self.records_done += page.record_count
 

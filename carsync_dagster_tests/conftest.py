@@ -10,6 +10,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -42,9 +43,9 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
-@pytest.fixture
-def database_url(server_url: str) -> Iterator[str]:
-    """A fresh database per test, so warehouse and Dagster storage start empty."""
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A database of its own, dropped afterwards: warehouse and Dagster storage start empty."""
     name = f"carsync_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -53,6 +54,13 @@ def database_url(server_url: str) -> Iterator[str]:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
+
+
+@pytest.fixture
+def database_url(server_url: str) -> Iterator[str]:
+    """A fresh database per test."""
+    with fresh_database(server_url) as url:
+        yield url
 
 
 def carsync_env(workdir: Path, database_url: str, simulator: Any, **extra: str) -> dict[str, str]:

@@ -105,7 +105,12 @@ def test_mass_disappearance_deactivates_nothing_until_allowed(
         assert "mass_deactivation_guard" in guarded.stderr
         assert "--allow-mass-deactivation" in guarded.stderr
         assert _inactive(database_url) == set()
+        blocked = json.loads(guarded.stdout.strip().splitlines()[-1])
+        assert blocked["status"] == "blocked" and blocked["confirm_requests"] < 300, (
+            "a sample of the 1,000 candidates shows they are gone: the rest are not asked"
+        )
         allowed = _sync(env, tmp_path, "--allow-mass-deactivation")
+        assert allowed["partitions_resumed"] == 0, "a blocked sync is never resumed"
         assert allowed["deactivated"] == len(deleted)
         assert _inactive(database_url) == set(deleted)
 
@@ -168,3 +173,81 @@ def test_one_writer_at_a_time_and_readers_never_wait(database_url: str, tmp_path
         assert "another sync is writing" in refused, refused[-3000:]
         assert differences(sim.control.truth(), database_url) == []
         assert len(latencies) > 50 and max(latencies) < 1.0, max(latencies)
+
+
+def test_a_broken_page_costs_its_range_and_the_next_sync_is_exact(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Page 120 of 200 has no data list (and page 30 a record that is not UTF-8): every other
+    range is merged, Dagster shows that range failed, the sync ends partial naming the page;
+    once the API is fixed, the next plain sync fetches it again and is exact."""
+    with start_simulator(cars=20_000, seed=25) as sim:
+        env = carsync_env(
+            tmp_path, database_url, sim, CARSYNC_PARTITION_SIZE="1000", CARSYNC_MAX_ATTEMPTS="3"
+        )
+        sim.control.break_pages({120: "no_data", 30: "bad_utf8"})
+        broken = run_carsync(["sync", "--json"], env, tmp_path)
+        assert broken.returncode == 1
+        [line] = [line for line in broken.stderr.splitlines() if line.startswith("carsync:")]
+        assert "sync partial" in line and "listing range 0011001-0012000" in line, line
+        assert "page 120" in line and "no data list" in line, line
+        summary = json.loads(broken.stdout.strip().splitlines()[-1])
+        assert (summary["status"], summary["partitions_failed"]) == ("partial", 1)
+        truth = sim.control.truth()
+        # Positions 11,001..12,000 of 20,000, newest first: listings numbered 8,000..8,999.
+        lost = {car["id"] for car in truth["cars"] if 8_000 <= int(car["id"][2:]) < 9_000}
+        stored = {row[0] for row in _rows(database_url, "SELECT id FROM carsync.cars")}
+        expected = {car["id"] for car in truth["cars"]} - lost
+        assert len(lost) > 900 and stored == expected - _garbled(database_url)
+        quarantined = _rows(
+            database_url, "SELECT reason, raw_bytes FROM carsync.cars_rejected"
+            " WHERE raw_bytes IS NOT NULL",
+        )  # fmt: skip
+        assert len(quarantined) == 1 and b"\xff\xfe" in quarantined[0][1]
+        assert quarantined[0][0].startswith("record: not valid UTF-8")
+        status = json.loads(run_carsync(["status", "--json"], env, tmp_path).stdout)
+        assert status["failed_listing_ranges"] == ["0011001-0012000"]
+        assert status["syncs"][0]["status"] == "partial"
+
+        sim.control.break_pages({120: "mend", 30: "mend"})
+        sim.control.reset_stats()
+        healed = _sync(env, tmp_path)
+        assert healed["partitions_resumed"] == 0, "a sync that met a broken page is not resumed"
+        assert sim.control.stats()["list_pages"].get("120") == 1, "the page is fetched again"
+        assert differences(sim.control.truth(), database_url, strict=True) == []
+        status = json.loads(run_carsync(["status", "--json"], env, tmp_path).stdout)
+        assert status["failed_listing_ranges"] == []
+
+
+def _garbled(database_url: str) -> set[str]:
+    """The listing whose bytes were broken on page 30: quarantined, not in cars."""
+    ids = _rows(database_url, "SELECT id FROM carsync.cars_rejected WHERE raw_bytes IS NOT NULL")
+    return {str(row[0]).strip("\ufffd") for row in ids}
+
+
+def test_heavy_drift_with_faults_never_blocks_and_the_next_sync_is_exact(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Listings deleted while the feed is paged pull others onto pages already read: many are
+    "not in the feed" though few are gone. The guard counts only listings confirmed gone, so
+    drift alone never blocks; the listings deleted before the sync are deactivated by it."""
+    faults = ["--error-rate", "0.03", "--overload-429", "0.03", "--truncate-rate", "0.01"]
+    with start_simulator(cars=20_000, seed=26, args=faults) as sim:
+        env = carsync_env(tmp_path, database_url, sim, CARSYNC_PARTITION_SIZE="2000")
+        _sync(env, tmp_path)
+        deleted = set(sim.control.mutate(delete=200)["deleted"])  # 1%
+        live_before = {car["id"] for car in sim.control.truth()["cars"]}
+        sim.control.configure(drift_inserts=2, drift_deletes=2)
+        drifting = _sync(env, tmp_path)
+        sim.control.configure(drift_inserts=0, drift_deletes=0, error_rate=0, overload_429=0)
+        sim.control.configure(truncate_rate=0)
+        truth = sim.control.truth()
+        assert drifting["checks_failed"] == []
+        missed = drifting["vanished_candidates"] - drifting["confirmed_gone"]
+        assert missed > drifting["confirmed_gone"] / 4, "drift made many listings look gone"
+        assert drifting["confirm_requests"] >= drifting["vanished_candidates"]
+        assert deleted <= _inactive(database_url), "deleted before the sync: confirmed gone"
+        live_throughout = live_before & {car["id"] for car in truth["cars"]}
+        assert not live_throughout & _inactive(database_url), "no live listing deactivated"
+        _sync(env, tmp_path)
+        assert differences(sim.control.truth(), database_url, strict=True) == []

@@ -91,6 +91,7 @@ def _stored_ids(database_url: str) -> list[str]:
 def test_every_range_goes_through_every_stage_once(
     sim: RunningSimulator, warehouse: str, tmp_path: Path
 ) -> None:
+    sim.control.reset_stats()
     with _merge(warehouse) as merge:
         flow, events = _flow(sim, warehouse, tmp_path, merge=merge)
     keys = partition_keys(2_400, 500)
@@ -103,6 +104,9 @@ def test_every_range_goes_through_every_stage_once(
     truth = sim.control.truth()
     assert _stored_ids(warehouse) == sorted(car["id"] for car in truth["cars"])
     assert flow.records_done == 2_400 and flow.feed_total == 2_400
+    # The last range reaches past the feed (2,001..2,500 of 2,400): page 25 is not asked for.
+    assert sim.control.stats()["list_pages"] == {str(page): 1 for page in range(1, 25)}
+    assert flow.pages_done == flow.pages_expected == 24
     with psycopg.connect(warehouse) as conn:
         assert set(syncs.merged_partitions(conn, "carsync", "sync-1")) == set(keys)
 

@@ -20,7 +20,9 @@ from typing import Any
 import psycopg
 import pytest
 from dagster import (
+    AssetKey,
     DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     RunRequest,
     SensorResult,
@@ -31,9 +33,9 @@ from dagster import (
 
 from carsync_dagster.definitions import defs as load_definitions
 from carsync_dagster.orchestration.automation import full_sync_tick, reconcile_syncs
-from carsync_dagster.orchestration.lifecycle import RunFacts, Verdict, judge
+from carsync_dagster.orchestration.lifecycle import RunFacts, Verdict, judge, kind_of
 from carsync_dagster.orchestration.resources import WarehouseResource
-from carsync_dagster.orchestration.tags import SYNC_ID_TAG
+from carsync_dagster.orchestration.tags import SYNC_ID_TAG, WORKER_TAG
 from carsync_dagster.ranges import page_span
 from carsync_dagster.runner import dagster_postgres_url
 from carsync_dagster.simulator.process import start_simulator
@@ -341,3 +343,78 @@ def test_a_closed_full_sync_succeeds_with_its_failed_checks_listed() -> None:
 def webhook() -> Iterator[WebhookReceiver]:
     with WebhookReceiver() as receiver:
         yield receiver
+
+
+@pytest.mark.parametrize(
+    ("job", "selection", "tags", "kind"),
+    [
+        ("full_sync", None, {}, "full"),
+        ("full_sync", None, {"dagster/asset_partition_range_end": "0005001-0010000"}, "full"),
+        ("full_sync", None, {"dagster/asset_partition_range_end": "0000001-0005000"}, "ranges"),
+        ("incremental_sync", None, {}, "incremental"),
+        ("__ASSET_JOB", ["pages", "normalised", "cars", "vanished_listings"], {}, "full"),
+        ("__ASSET_JOB", ["vanished_listings"], {}, "ranges"),
+        ("__ASSET_JOB", ["recent_changes"], {}, "incremental"),
+        ("__ASSET_JOB", ["pages"], {}, "ranges"),
+        ("__ASSET_JOB", ["pages"], {"carsync/kind": "full"}, "full"),
+    ],
+)
+def test_what_a_run_syncs(
+    job: str, selection: list[str] | None, tags: dict[str, str], kind: str
+) -> None:
+    """A run over every listing range that closes is a full sync, however it was launched;
+    `vanished_listings` alone, or some ranges, are not."""
+    keys = ["0000001-0005000", "0005001-0010000"]
+    if "dagster/asset_partition_range_end" in tags:
+        tags = {**tags, "dagster/asset_partition_range_start": keys[0]}
+    run = DagsterRun(
+        job_name=job,
+        run_id="r",
+        tags=tags,
+        asset_selection={AssetKey(name) for name in selection} if selection else None,
+    )
+    with DagsterInstance.ephemeral() as instance:
+        assert kind_of(instance, run, keys) == kind
+
+
+@pytest.mark.usefixtures("daemon_env")
+def test_a_worker_is_judged_by_host_pid_and_start_time(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pid reused by another process (after a reboot, say) is not the worker: the run is
+    failed and that process left alone. A worker on another host is never signalled: its run is
+    failed only after CARSYNC_STALE_AFTER of silence."""
+    from carsync_dagster.orchestration.lifecycle import fail_lost_runs
+    from carsync_dagster.orchestration.liveness import Worker
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        here = Worker.this_process()
+        impostor = Worker(here.host, bystander.pid, here.started - 3600)  # the pid, not the process
+        remote = Worker("another-host", os.getpid(), here.started)
+        _use_env(
+            monkeypatch,
+            {"API_BASE_URL": "http://127.0.0.1:9", "API_KEY": "k", "DATABASE_URL": database_url}
+            | {"CARSYNC_DATA_DIR": "data"},
+        )
+        job = load_definitions().resolve_job_def("full_sync")
+        with DagsterInstance.get() as instance:
+            runs = {
+                name: instance.create_run_for_job(
+                    job_def=job,
+                    status=DagsterRunStatus.STARTED,
+                    tags={SYNC_ID_TAG: name, WORKER_TAG: worker.tag},
+                )
+                for name, worker in (("impostor", impostor), ("remote", remote))
+            }
+            assert fail_lost_runs(instance, stale_after=3600, log=print) == [
+                runs["impostor"].run_id
+            ], "a live remote worker is left alone"
+            assert bystander.poll() is None, "the process that has the pid now is not signalled"
+            time.sleep(0.1)
+            assert fail_lost_runs(instance, stale_after=0.05, log=print) == [runs["remote"].run_id]
+            remote_run = instance.get_run_by_id(runs["remote"].run_id)
+            assert remote_run is not None and remote_run.status == DagsterRunStatus.FAILURE
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -165,3 +165,17 @@ def test_api_base_url_without_key_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "API_KEY" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_real_database_without_a_real_api_is_refused(database_url: str, tmp_path: Path) -> None:
+    """The bundled simulator's invented listings never reach a real warehouse unasked."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CARSYNC_", "API_"))}
+    env["DATABASE_URL"] = database_url
+    result = run_carsync(["sync"], env, tmp_path, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "API_BASE_URL" in lines[0] and "--simulator" in lines[0], lines
+    assert list(tmp_path.iterdir()) == [], "nothing may be written"
+    with psycopg.connect(database_url) as conn:
+        schemas = {row[0] for row in conn.execute("SELECT nspname FROM pg_namespace")}
+    assert "carsync" not in schemas and "dagster" not in schemas

@@ -41,7 +41,7 @@ from carsync_dagster.partition_flow import (
     PartitionFlow,
     Stages,
 )
-from carsync_dagster.ranges import in_order, page_span
+from carsync_dagster.ranges import in_order
 from carsync_dagster.warehouse import syncs
 from carsync_dagster.warehouse.load import ConcurrentMerge
 from carsync_dagster.warehouse.normalised_store import NormalisedStore
@@ -144,8 +144,7 @@ def sync_partitions(
             ),
             merged_before=syncs.merged_partitions(conn, schema, sync_id) if stages.merge else {},
         )
-        pages_total = sum(len(page_span(key, settings.page_size).pages) for key in keys)
-        progress = _Progress(context, conn, schema, sync_id, stages, pages_total, len(keys))
+        progress = _Progress(context, conn, schema, sync_id, stages, len(keys))
         for event in flow.run():
             progress.tick(flow)
             if isinstance(event, PartitionFailed):
@@ -261,23 +260,25 @@ class _Progress:
         schema: str,
         sync_id: str,
         stages: Stages,
-        pages_total: int,
         partitions: int,
     ) -> None:
         self._context, self._conn, self._schema, self._sync_id = context, conn, schema, sync_id
-        self._stages, self._pages_total, self._partitions = stages, pages_total, partitions
+        self._stages, self._partitions = stages, partitions
         self._written = self._heartbeat = time.monotonic()
-        if stages.fetch:
-            syncs.set_pages_total(conn, schema, sync_id, pages_total)
+        self._pages_total = 0
 
     def tick(self, flow: PartitionFlow, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._written < _PROGRESS_EVERY:
             return
         self._written = now
-        fetching = self._stages.fetch and flow.pages_done < self._pages_total and not force
+        pages_total = flow.pages_expected
+        if self._stages.fetch and pages_total != self._pages_total:
+            self._pages_total = pages_total
+            syncs.set_pages_total(self._conn, self._schema, self._sync_id, pages_total)
+        fetching = self._stages.fetch and flow.pages_done < pages_total and not force
         done = flow.pages_done if fetching else flow.partitions_done
-        total = self._pages_total if fetching else self._partitions
+        total = pages_total if fetching else self._partitions
         stage = "fetch" if fetching else _STAGE_NAMES[self._stages.last]
         client = flow.client
         requests = (

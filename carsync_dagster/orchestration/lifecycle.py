@@ -48,7 +48,7 @@ from carsync_dagster.warehouse import syncs
 
 FULL_SYNC_JOB, INCREMENTAL_SYNC_JOB, RANGES_JOB = "full_sync", "incremental_sync", "ranges_sync"
 JOB_KINDS = {FULL_SYNC_JOB: "full", INCREMENTAL_SYNC_JOB: "incremental", RANGES_JOB: "ranges"}
-VANISHED, RECENT = AssetKey("vanished_listings"), AssetKey("recent_changes")
+CARS, VANISHED, RECENT = AssetKey("cars"), AssetKey("vanished_listings"), AssetKey("recent_changes")
 ACTIVE = [
     DagsterRunStatus.QUEUED,
     DagsterRunStatus.NOT_STARTED,
@@ -83,7 +83,7 @@ def claim_run(
     """(sync id, kind) of a run that is starting, written into its tags and the sync's row.
     Called by the run itself, holding the schema's writer lock."""
     keys = full_range(instance)
-    kind = _kind_of(instance, run, keys)
+    kind = kind_of(instance, run, keys)
     sync_id = _sync_of(instance, run) or (
         syncs.resumable_sync(
             conn, schema, settings.resume_max_age, lambda other: sync_active(instance, other, run)
@@ -92,11 +92,10 @@ def claim_run(
         else None
     )
     sync_id = sync_id or run.tags.get(BACKFILL_TAG) or run.run_id
-    syncs.begin_sync(conn, schema, sync_id, kind, run.run_id)
-    if kind == "full" and run.tags.get(RANGE_START_TAG):
-        syncs.plan_partitions(conn, schema, sync_id, keys)
     row = syncs.read_sync(conn, schema, sync_id)
     kind = str(row["kind"]) if row else kind  # the sync's first run decided it
+    # Tagged before the sync's row says running: the reconciler settles a running sync from
+    # the runs that carry its id, and must never find none.
     instance.add_run_tags(
         run.run_id,
         {
@@ -106,21 +105,31 @@ def claim_run(
             WORKER_TAG: Worker.this_process().tag,
         },
     )
+    syncs.begin_sync(conn, schema, sync_id, kind, run.run_id)
+    if kind == "full" and run.tags.get(RANGE_START_TAG):
+        syncs.plan_partitions(conn, schema, sync_id, keys)
     return sync_id, kind
 
 
-def _kind_of(instance: DagsterInstance, run: DagsterRun, keys: list[str]) -> str:
+def kind_of(instance: DagsterInstance, run: DagsterRun, keys: list[str]) -> str:
+    """full, incremental or ranges: what the run (or the backfill it is part of) syncs."""
     if run.tags.get(SYNC_KIND_TAG) in JOB_KINDS.values():
         return run.tags[SYNC_KIND_TAG]
     backfill = instance.get_backfill(run.tags[BACKFILL_TAG]) if BACKFILL_TAG in run.tags else None
     selection = set((backfill.asset_selection if backfill else None) or run.asset_selection or [])
     if not selection:
-        return JOB_KINDS.get(run.job_name, "ranges")
+        kind = JOB_KINDS.get(run.job_name, "ranges")
+    elif {CARS, VANISHED} <= selection:
+        # A full sync merges the listing ranges and closes; `vanished_listings` materialised
+        # alone is not one (it would judge the feed from no ranges).
+        kind = "full"
+    else:
+        kind = "incremental" if selection == {RECENT} else "ranges"
     start, end = run.tags.get(RANGE_START_TAG), run.tags.get(RANGE_END_TAG)
-    every_range = start is None or (bool(keys) and (start, end) == (keys[0], keys[-1]))
-    if VANISHED in selection and every_range:
-        return "full"
-    return "incremental" if selection == {RECENT} else "ranges"
+    every_range = bool(keys) and (start, end) == (keys[0], keys[-1])
+    if kind == "full" and start is not None and not every_range:
+        return "ranges"  # some listing ranges only
+    return kind
 
 
 def _sync_of(instance: DagsterInstance, run: DagsterRun) -> str | None:
@@ -310,7 +319,7 @@ def fail_lost_runs(
 
 def _last_event_time(instance: DagsterInstance, run: DagsterRun) -> float:
     records = instance.get_records_for_run(run.run_id, limit=1, ascending=False).records
-    return records[0].timestamp if records else time.time()
+    return records[0].timestamp if records else _created(instance, run)
 
 
 # ---- the reconciler --------------------------------------------------------------------------

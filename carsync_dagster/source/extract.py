@@ -65,6 +65,9 @@ async def fetch_partitions(
     the sinks of unfinished partitions are discarded."""
     unanswered = asyncio.Semaphore(_UNANSWERED_PER_SLOT * concurrency)
     fetching: dict[str, _Fetching] = {}
+    feed_last_page: list[int] = []  # as the answers said (the feed moves)
+    ended = asyncio.Event()  # a page got its answer, or failed for good
+    asked = [0]  # pages asked for and not yet ended
 
     async def fetch_page(partition: PartitionPages, number: int) -> None:
         state = fetching[partition.key]
@@ -81,30 +84,48 @@ async def fetch_partitions(
             return
         finally:
             unanswered.release()
+            asked[0] -= 1
+            ended.set()
+        feed_last_page.append(page.last_page)
         if state.failed:
             return
         state.sink.add(page)
         if on_page is not None:
             on_page(page)
-        state.remaining -= 1
+        count_down(partition.key, state, 1)
+
+    def count_down(key: str, state: _Fetching, pages: int) -> None:
+        state.remaining -= pages
         if state.remaining == 0:
-            del fetching[partition.key]
+            del fetching[key]
             state.sink.complete(time.perf_counter() - state.started)
+
+    async def where_the_feed_ends() -> None:
+        """Wait for an answer while pages are out: it says where the feed ends."""
+        while not feed_last_page and asked[0]:
+            ended.clear()
+            await ended.wait()
 
     try:
         async with asyncio.TaskGroup() as group:
             for partition in partitions:
                 numbers = range(partition.first_page, partition.last_page + 1)
-                sink = open_sink(partition)
-                if not numbers:  # past the feed's last page: landed empty
-                    sink.complete(0.0)
-                    continue
-                state = _Fetching(sink, len(numbers), time.perf_counter())
+                state = _Fetching(open_sink(partition), len(numbers), time.perf_counter())
                 fetching[partition.key] = state
+                if not numbers:
+                    count_down(partition.key, state, 0)
                 for number in numbers:
                     if state.failed:
                         break
+                    if partition is partitions[-1] and number > partition.first_page:
+                        # Only the last range reaches past the end of the feed (by up to its
+                        # size): ask for none of its pages past the end.
+                        await where_the_feed_ends()
+                    if feed_last_page and number > max(feed_last_page):
+                        count_down(partition.key, state, numbers[-1] - number + 1)
+                        break
                     await unanswered.acquire()
+                    asked[0] += 1
                     group.create_task(fetch_page(partition, number))
     finally:
         for state in fetching.values():
