@@ -22,6 +22,16 @@ import pytest
 from psycopg import sql
 
 
+@pytest.fixture(autouse=True)
+def no_instance_left_in_context() -> Iterator[None]:
+    """Entering a DagsterInstance puts its state storage in a context variable, and loading the
+    definitions reads it; a test must not meet an instance an earlier test disposed of."""
+    from dagster._core.storage.defs_state.base import set_defs_state_storage
+
+    with set_defs_state_storage(None):
+        yield
+
+
 @pytest.fixture(scope="session")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A PostgreSQL server for the whole session."""

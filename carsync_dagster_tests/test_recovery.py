@@ -41,7 +41,12 @@ from carsync_dagster.runner import dagster_postgres_url
 from carsync_dagster.simulator.process import start_simulator
 from carsync_dagster.source.landing import Landing
 from carsync_dagster.transform import normalise
-from carsync_dagster_tests.conftest import WebhookReceiver, carsync_env, run_carsync
+from carsync_dagster_tests.conftest import (
+    WebhookReceiver,
+    carsync_env,
+    run_carsync,
+    use_dagster_home,
+)
 from carsync_dagster_tests.warehouse_truth import cars_by_id, differences
 
 
@@ -377,9 +382,8 @@ def test_what_a_run_syncs(
         assert kind_of(instance, run, keys) == kind
 
 
-@pytest.mark.usefixtures("daemon_env")
 def test_a_worker_is_judged_by_host_pid_and_start_time(
-    database_url: str, monkeypatch: pytest.MonkeyPatch
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pid reused by another process (after a reboot, say) is not the worker: the run is
     failed and that process left alone. A worker on another host is never signalled: its run is
@@ -387,6 +391,7 @@ def test_a_worker_is_judged_by_host_pid_and_start_time(
     from carsync_dagster.orchestration.lifecycle import fail_lost_runs
     from carsync_dagster.orchestration.liveness import Worker
 
+    use_dagster_home(tmp_path / "dagster", database_url, monkeypatch)
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         here = Worker.this_process()

@@ -10,7 +10,6 @@ the step fails once every other range is merged, and Dagster shows exactly that 
 import contextlib
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy.exc
@@ -27,7 +26,7 @@ from dagster import (
     multi_asset,
 )
 
-from carsync_dagster.orchestration.lifecycle import OUTCOME_KEY, RESUMABLE_KEY
+from carsync_dagster.orchestration.lifecycle import sync_failure
 from carsync_dagster.orchestration.partitions import listing_ranges
 from carsync_dagster.orchestration.resources import (
     ListingsApiResource,
@@ -127,8 +126,7 @@ def sync_partitions(
     keys = in_order(context.partition_keys)
     tally = _Tally()
     with warehouse.connect(autocommit=True) as conn, contextlib.ExitStack() as stack:
-        row = syncs.read_sync(conn, schema, sync_id)
-        this_year = int((row["started_at"] if row else datetime.now(UTC)).astimezone(UTC).year)
+        this_year = syncs.sync_year(conn, schema, sync_id)
         flow = PartitionFlow(
             keys,
             stages,
@@ -234,17 +232,15 @@ class _Tally:
         permanent = any(failed.permanent for failed in self.failed.values())
         key, first = next(iter(self.failed.items()))
         what = "fetched again by the next sync" if permanent else "resumed by a re-run"
-        return Failure(
-            description=(
-                f"{len(self.failed)} of {total} listing ranges not merged ({what}); "
-                f"listing range {key}: {first.error}"
-            ),
+        return sync_failure(
+            f"{len(self.failed)} of {total} listing ranges not merged ({what}); "
+            f"listing range {key}: {first.error}",
+            outcome="partial" if permanent else "failed",
+            resumable=not permanent,
             metadata={
-                OUTCOME_KEY: "partial" if permanent else "failed",
-                RESUMABLE_KEY: not permanent,
                 "failed_ranges": MetadataValue.json(
                     {key: failed.error for key, failed in self.failed.items()}
-                ),
+                )
             },
         )
 

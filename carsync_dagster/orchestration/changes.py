@@ -6,7 +6,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -14,13 +14,12 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
-    Failure,
     MaterializeResult,
     asset,
 )
 
 from carsync_dagster.orchestration.assets import API_POOL, CARS, GROUP
-from carsync_dagster.orchestration.lifecycle import OUTCOME_KEY, RESUMABLE_KEY
+from carsync_dagster.orchestration.lifecycle import sync_failure
 from carsync_dagster.orchestration.resources import (
     ListingsApiResource,
     SyncRunResource,
@@ -45,18 +44,6 @@ def _merge_records(
     return counts
 
 
-def _this_year(row: dict[str, Any] | None) -> int:
-    """ "This year" of the rejection rules: the UTC year when the sync started."""
-    return int((row["started_at"] if row else datetime.now(UTC)).astimezone(UTC).year)
-
-
-def _failure(description: str, *, resumable: bool) -> Failure:
-    return Failure(
-        description=description,
-        metadata={OUTCOME_KEY: "failed", RESUMABLE_KEY: resumable},
-    )
-
-
 @asset(
     deps=[CARS],
     group_name=GROUP,
@@ -76,13 +63,13 @@ def recent_changes(
         watermark = syncs.last_watermark(conn, schema, other_than=sync_id)
         if watermark is None:
             if sync.kind == "incremental":
-                raise _failure(
+                raise sync_failure(
                     "no earlier successful sync to continue from: run a full sync first",
                     resumable=False,
                 )
             return MaterializeResult(metadata={"skipped": "no earlier successful sync"})
         since = watermark - timedelta(seconds=settings.watermark_margin)
-        this_year = _this_year(syncs.read_sync(conn, schema, sync_id))
+        this_year = syncs.sync_year(conn, schema, sync_id)
         totals = {"pages": 0, "fetched": 0, "inserted": 0, "updated": 0, "unchanged": 0}
         totals["rejected"] = 0
         client = api.client()
@@ -172,9 +159,9 @@ def vanished_listings(
             )
         elif not allowed and len(confirmed.gone) > limit:
             blocked = f"{len(confirmed.gone)} of {active} active listings were confirmed gone"
-        row = syncs.read_sync(conn, schema, sync_id)
+        this_year = syncs.sync_year(conn, schema, sync_id)
         refreshed = (
-            _merge_records(conn, schema, sync_id, confirmed.present, _this_year(row)).changed
+            _merge_records(conn, schema, sync_id, confirmed.present, this_year).changed
             if confirmed.present
             else 0
         )
@@ -218,7 +205,7 @@ def _check_every_range_merged(conn: psycopg.Connection, schema: str, sync_id: st
     merged = syncs.merged_partitions(conn, schema, sync_id)
     unmerged = [key for key in planned if key not in merged]
     if not planned or unmerged:
-        raise _failure(
+        raise sync_failure(
             f"{len(unmerged)} of {len(planned)} listing ranges of this sync are not merged "
             f"yet (first: {unmerged[0] if unmerged else 'none planned'}); a re-run of the sync "
             "merges them, then closes it",
@@ -226,7 +213,7 @@ def _check_every_range_merged(conn: psycopg.Connection, schema: str, sync_id: st
         )
     if not vanished.seen_ids_intact(conn, schema, sync_id, sum(merged.values())):
         syncs.forget_merged_partitions(conn, schema, sync_id)
-        raise _failure(
+        raise sync_failure(
             "the ids this sync received were lost (PostgreSQL recovered from a crash and "
             "emptied the UNLOGGED seen_ids): a re-run of the sync merges its listing ranges "
             "again",

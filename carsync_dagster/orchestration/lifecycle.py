@@ -25,6 +25,7 @@ from dagster import (
     DagsterInstance,
     DagsterRun,
     DagsterRunStatus,
+    Failure,
     RunRequest,
     RunsFilter,
 )
@@ -59,6 +60,23 @@ ACTIVE = [
 _BACKFILL_ACTIVE = ("REQUESTED", "CANCELING")  # dagster BulkActionStatus values
 # Failure metadata a step sets (dagster.Failure) to say what its failure means for the sync.
 OUTCOME_KEY, RESUMABLE_KEY = "carsync_outcome", "carsync_resumable"
+
+
+def sync_failure(
+    description: str,
+    *,
+    resumable: bool,
+    outcome: str = "failed",
+    metadata: dict[str, Any] | None = None,
+) -> Failure:
+    """What a step raises to fail its sync in a known way: `outcome` (failed or partial) and
+    whether a re-run may continue it (`settle` reads them back)."""
+    return Failure(
+        description=description,
+        metadata={OUTCOME_KEY: outcome, RESUMABLE_KEY: resumable, **(metadata or {})},
+    )
+
+
 # Errors that pass: a lost database connection, the writer lock held by a run that will end,
 # a request that failed every attempt on timeouts, resets, 5xx or 429.
 _TRANSIENT = {"OperationalError", "InterfaceError", "SyncBusyError", "PageUnavailableError"}
@@ -268,8 +286,13 @@ def settle(
         return None
     if row["status"] != "running":
         return Verdict(row["status"], row["last_error"], row["resumable"])
-    runs = [facts_of(instance, run) for run in runs_of(instance, sync_id)]
-    verdict = judge(row["kind"], row["closed_at"] is not None, runs)
+    runs = runs_of(instance, sync_id)
+    if not runs and row["dagster_run_id"]:
+        # A sync begun before runs were tagged with their sync: its last run is on its row.
+        last = instance.get_run_by_id(row["dagster_run_id"])
+        runs = [last] if last is not None else []
+    facts = [facts_of(instance, run) for run in runs]
+    verdict = judge(row["kind"], row["closed_at"] is not None, facts)
     if verdict.status != "running":
         reason = redact(verdict.reason, list(secrets)) if verdict.reason else None
         syncs.settle_sync(
@@ -356,6 +379,10 @@ def reconcile(
     for row in syncs.syncs_where(
         conn, schema, statuses=["failed", "partial", "blocked", "interrupted"], alerted=False
     ):
+        if syncs.latest_sync_id(conn, schema, row["kind"]) != row["sync_id"]:
+            # A later sync of the same kind has begun since: this one is moot.
+            syncs.mark_alerted(conn, schema, row["sync_id"])
+            continue
         if _recoverable(instance, row, latest, settings):
             done.recoveries.append(_recovery(instance, conn, schema, row))
             log(f"sync {row['sync_id']} failed ({row['last_error']}): running it again")

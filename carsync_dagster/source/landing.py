@@ -109,6 +109,8 @@ class LandingWriter:
         # One spool per process: a second writer of the key (which the writer lock should
         # prevent) could otherwise interleave its pages with these.
         self._spool_path = landing.root / f"{key}.{os.getpid()}.spool"
+        for left in landing.root.glob(f"{key}.*.spool"):  # by a writer that was killed
+            left.unlink(missing_ok=True)
         self._spool = self._spool_path.open("w+b")
         self._spooled: list[tuple[int, int, int]] = []  # (page number, offset, length)
         self._records = 0

@@ -8,7 +8,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -249,6 +249,17 @@ def mark_alerted(conn: psycopg.Connection, schema: str, sync_id: str) -> None:
     )
 
 
+def sync_year(conn: psycopg.Connection, schema: str, sync_id: str) -> int:
+    """ "This year" of the rejection rules: the UTC year when the sync started."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT extract(year FROM started_at AT TIME ZONE 'UTC') FROM {} WHERE sync_id = %s"
+        ).format(_table(schema)),
+        (sync_id,),
+    ).fetchone()
+    return int(row[0]) if row else datetime.now(UTC).year
+
+
 def read_sync(conn: psycopg.Connection, schema: str, sync_id: str) -> dict[str, Any] | None:
     with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         cur.execute(
@@ -280,6 +291,16 @@ def recent_syncs(conn: psycopg.Connection, schema: str, limit: int = 10) -> list
             (limit,),
         )
         return cur.fetchall()
+
+
+def latest_sync_id(conn: psycopg.Connection, schema: str, kind: str) -> str | None:
+    row = conn.execute(
+        sql.SQL("SELECT sync_id FROM {} WHERE kind = %s ORDER BY started_at DESC LIMIT 1").format(
+            _table(schema)
+        ),
+        (kind,),
+    ).fetchone()
+    return str(row[0]) if row else None
 
 
 def latest_full_sync(conn: psycopg.Connection, schema: str) -> dict[str, Any] | None:

@@ -23,6 +23,8 @@ ALTER TABLE sync_runs
     ADD COLUMN IF NOT EXISTS closed_at timestamptz,
     -- When the daemon raised the alert for its final failure (once).
     ADD COLUMN IF NOT EXISTS alerted_at timestamptz;
+-- Syncs that ended before this version are history: nothing to alert about now.
+UPDATE sync_runs SET alerted_at = coalesce(finished_at, now()) WHERE status <> 'running';
 
 ALTER TABLE cars_rejected ADD COLUMN IF NOT EXISTS raw_bytes bytea;
 ALTER TABLE cars_rejected_staging ADD COLUMN IF NOT EXISTS raw_bytes bytea;
