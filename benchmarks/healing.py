@@ -131,8 +131,10 @@ class Run:
             except psycopg.errors.UndefinedTable:
                 return []
 
-    def landed(self) -> int:
-        return len(list((self.folder / "data" / "landing").glob("*.json")))
+    def landed(self, since: float = 0.0) -> int:
+        """Partitions (listing or page ranges) landed since then (a time.time())."""
+        manifests = (self.folder / "data" / "landing").glob("*.json")
+        return sum(1 for path in manifests if path.stat().st_mtime > since)
 
 
 _FIGURES = (
@@ -169,7 +171,7 @@ def ui_kill_mid_merge(ctx: Context, how: str) -> dict[str, Any]:
             _launch(base, how, keys)
             started = time.monotonic()
             _wait(lambda: _merging(run), 300)
-            worker = _wait(_run_worker, 30)
+            worker = _wait(lambda: _run_worker(run), 30)
             worker.kill()
             killed = time.monotonic()
             healed = None
@@ -265,7 +267,8 @@ def kill_change_incremental_resume(ctx: Context) -> dict[str, Any]:
     with ctx.fresh("older", "--latency-ms", "20") as (sim, run):
         env = run.env(CARSYNC_CONCURRENCY="2")
         run.sync(env=env)
-        _kill_when(run.start_sync(env), lambda: run.landed() >= 4 + ctx.cars // 5000)
+        began = time.time()
+        _kill_when(run.start_sync(env), lambda: run.landed(since=began) >= 4)
         changes = sim.control.mutate(update=ctx.cars // 100, delete=500)
         run.sync("--incremental", env=env)
         resumed = run.sync(env=env)
@@ -373,10 +376,26 @@ def _merging(run: Run) -> bool:
     return any(stage == "merge" and (done or 0) >= 2 for stage, done in progress)
 
 
-def _run_worker() -> psutil.Process | None:
-    for process in psutil.process_iter(["cmdline"]):
-        if "execute_run" in " ".join(process.info["cmdline"] or []):
-            return process
+def _run_worker(run: Run) -> psutil.Process | None:
+    """The worker process of the started run, as Dagster's engine event names its pid."""
+    from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+
+    from carsync_dagster.runner import DAGSTER_PG_URL_ENV, dagster_postgres_url
+
+    os.environ.update(
+        DAGSTER_HOME=str(run.folder / "dagster"),
+        **{DAGSTER_PG_URL_ENV: dagster_postgres_url(run.database_url)},
+    )
+    with DagsterInstance.get() as instance:
+        for started in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED])):
+            records = instance.get_records_for_run(
+                started.run_id, of_type=DagsterEventType.ENGINE_EVENT
+            ).records
+            for record in records:
+                event = record.event_log_entry.dagster_event
+                pid = event.engine_event_data.metadata.get("pid") if event else None
+                if pid is not None:
+                    return psutil.Process(int(str(pid.value)))
     return None
 
 

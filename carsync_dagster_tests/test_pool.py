@@ -12,14 +12,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 
 from carsync_dagster.orchestration.assets import API_POOL, ensure_api_pool
-from carsync_dagster.orchestration.lifecycle import fail_lost_runs
+from carsync_dagster.orchestration.lifecycle import fail_lost_runs, settle
 from carsync_dagster.orchestration.partitions import listing_ranges
 from carsync_dagster.simulator.process import RunningSimulator, start_simulator
 from carsync_dagster.warehouse.schema import migrate
+from carsync_dagster.warehouse.syncs import writer_lock_key
 from carsync_dagster_tests.conftest import (
     carsync_env,
     errors_when_started_together,
@@ -159,3 +161,27 @@ def test_processes_starting_together_create_the_api_pool_once(
     finally:
         for instance in instances:
             instance.dispose()
+
+
+def test_a_run_launched_by_the_daemon_takes_the_writer_lock_itself(
+    run_env: tuple[dict[str, str], DagsterInstance], database_url: str, tmp_path: Path
+) -> None:
+    """Not only `carsync sync`: a run as the daemon launches it waits for the schema's writer
+    lock (held here as another sync would hold it) before it writes anything, then runs."""
+    env, instance = run_env
+    with psycopg.connect(database_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (writer_lock_key("carsync"),))
+        worker = _start_run(KEYS[0], KEYS[0], env, tmp_path)
+        deadline = time.monotonic() + 60
+        while not instance.get_run_records():
+            assert worker.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(3)  # the run has started; it must be waiting, not writing
+        assert worker.poll() is None
+        rows = holder.execute("SELECT count(*) FROM carsync.sync_runs").fetchone()
+        assert rows == (0,), "nothing written while another sync holds the lock"
+        holder.execute("SELECT pg_advisory_unlock(%s)", (writer_lock_key("carsync"),))
+        assert worker.wait(timeout=120) == 0
+        [(sync_id, kind)] = holder.execute("SELECT sync_id, kind FROM carsync.sync_runs")
+        verdict = settle(instance, holder, "carsync", sync_id)  # what the reconciler does
+        assert kind == "ranges" and verdict is not None and verdict.status == "succeeded"

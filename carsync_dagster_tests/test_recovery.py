@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,11 @@ from carsync_dagster.orchestration.resources import WarehouseResource
 from carsync_dagster.orchestration.tags import SYNC_ID_TAG, WORKER_TAG
 from carsync_dagster.ranges import page_span
 from carsync_dagster.runner import dagster_postgres_url
-from carsync_dagster.simulator.process import start_simulator
+from carsync_dagster.simulator.process import RunningSimulator, start_simulator
 from carsync_dagster.source.landing import Landing
 from carsync_dagster.transform import normalise
+from carsync_dagster.warehouse import syncs
+from carsync_dagster.warehouse.schema import migrate
 from carsync_dagster_tests.conftest import (
     WebhookReceiver,
     carsync_env,
@@ -48,6 +51,18 @@ from carsync_dagster_tests.conftest import (
     use_dagster_home,
 )
 from carsync_dagster_tests.warehouse_truth import cars_by_id, differences
+
+
+@contextmanager
+def _slow_feed(
+    database_url: str, tmp_path: Path, seed: int, **settings: str
+) -> Iterator[tuple[RunningSimulator, dict[str, str]]]:
+    """6,000 cars, 30 ms a request, 2 in flight, ranges of 500: a sync slow enough to stop."""
+    with start_simulator(cars=6_000, seed=seed, args=["--latency-ms", "30"]) as sim:
+        yield sim, carsync_env(
+            tmp_path, database_url, sim,
+            CARSYNC_PARTITION_SIZE="500", CARSYNC_CONCURRENCY="2", **settings,
+        )  # fmt: skip
 
 
 def _start_sync(env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
@@ -164,11 +179,7 @@ def _launch(instance: DagsterInstance, request: RunRequest, job_name: str = "") 
 def test_an_interrupted_sync_is_finished_under_its_own_sync_id(
     how: str, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with start_simulator(cars=6_000, seed=31, args=["--latency-ms", "30"]) as sim:
-        env = carsync_env(
-            tmp_path, database_url, sim, CARSYNC_PARTITION_SIZE="500", CARSYNC_CONCURRENCY="2",
-            CARSYNC_STALE_AFTER="2",
-        )  # fmt: skip
+    with _slow_feed(database_url, tmp_path, 31, CARSYNC_STALE_AFTER="2") as (sim, env):
         _sync(env, tmp_path)
         changes = sim.control.mutate(update=60, insert=60, delete=60)  # 1% of the feed
         process = _start_sync(env, tmp_path)
@@ -238,10 +249,7 @@ def test_healing_stops_after_three_recoveries_with_one_alert(
 def test_a_failed_sync_older_than_the_resume_limit_starts_afresh(
     database_url: str, tmp_path: Path
 ) -> None:
-    with start_simulator(cars=6_000, seed=33, args=["--latency-ms", "30"]) as sim:
-        env = carsync_env(
-            tmp_path, database_url, sim, CARSYNC_PARTITION_SIZE="500", CARSYNC_CONCURRENCY="2"
-        )
+    with _slow_feed(database_url, tmp_path, 33) as (sim, env):
         _interrupt(_start_sync(env, tmp_path), database_url, tmp_path, landed=3)
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute("UPDATE carsync.sync_runs SET started_at = now() - interval '7 hours'")
@@ -255,10 +263,7 @@ def test_a_failed_sync_older_than_the_resume_limit_starts_afresh(
 def test_kill_change_incremental_then_resume_never_writes_older_data(
     database_url: str, tmp_path: Path
 ) -> None:
-    with start_simulator(cars=6_000, seed=34, args=["--latency-ms", "30"]) as sim:
-        env = carsync_env(
-            tmp_path, database_url, sim, CARSYNC_PARTITION_SIZE="500", CARSYNC_CONCURRENCY="2"
-        )
+    with _slow_feed(database_url, tmp_path, 34) as (sim, env):
         _sync(env, tmp_path)
         killed = _interrupt(_start_sync(env, tmp_path), database_url, tmp_path, landed=4)
         landing = Landing(tmp_path / "data" / "landing")
@@ -295,10 +300,7 @@ def _price(car: dict[str, Any]) -> Any:
 def test_a_listing_range_means_the_same_listings_at_any_page_size(
     database_url: str, tmp_path: Path
 ) -> None:
-    with start_simulator(cars=6_000, seed=35, args=["--latency-ms", "30"]) as sim:
-        env = carsync_env(
-            tmp_path, database_url, sim, CARSYNC_PARTITION_SIZE="500", CARSYNC_CONCURRENCY="2"
-        )
+    with _slow_feed(database_url, tmp_path, 35) as (sim, env):
         killed = _interrupt(_start_sync(env, tmp_path), database_url, tmp_path, landed=3)
         landed = len(_landed_by(tmp_path, killed))
         # Resumed at another page size: the landed ranges keep their meaning, and count.
@@ -423,3 +425,31 @@ def test_a_worker_is_judged_by_host_pid_and_start_time(
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_only_a_recent_transient_failure_of_the_latest_full_sync_is_resumed(
+    database_url: str,
+) -> None:
+    migrate(database_url, "carsync")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+
+        def add(sync_id: str, kind: str, status: str, resumable: bool, hours_ago: float) -> None:
+            conn.execute(
+                "INSERT INTO carsync.sync_runs (sync_id, kind, status, resumable, started_at)"
+                " VALUES (%s, %s, %s, %s, now() - %s * interval '1 hour')",
+                (sync_id, kind, status, resumable, hours_ago),
+            )
+
+        def resumable(busy: frozenset[str] = frozenset()) -> str | None:
+            return syncs.resumable_sync(conn, "carsync", 6 * 3600, busy.__contains__)
+
+        add("old-failure", "full", "failed", True, 7)
+        assert resumable() is None, "older than CARSYNC_RESUME_MAX_AGE"
+        add("blocked", "full", "blocked", False, 3)
+        assert resumable() is None, "never into the same failure"
+        add("incremental", "incremental", "failed", True, 2.5)
+        add("died", "full", "failed", True, 2)
+        assert resumable() == "died"
+        assert resumable(frozenset({"died"})) is None, "a run of it is queued or running"
+        add("done", "full", "succeeded", False, 1)
+        assert resumable() is None, "a newer full sync succeeded"
