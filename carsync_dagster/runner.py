@@ -327,12 +327,16 @@ class _ProgressWatcher:
         assert self._on_progress is not None
         with psycopg.connect(database_url, autocommit=True) as conn:
             wait = 0.5  # the first line comes early, so people see the sync has started
+            shown = None
             while True:
                 stopping = self._stop.wait(wait)
                 row = syncs.read_sync(conn, schema, sync_id)
-                # A last line once the run ended: a sync shorter than the interval shows one.
-                if row is not None and (not stopping or (row.get("summary") or {}).get("progress")):
+                progress = (row.get("summary") or {}).get("progress") if row else None
+                # A last line once the run ended (a sync shorter than the interval shows one),
+                # unless it would say what the line before said.
+                if row is not None and (not stopping or progress not in (None, shown)):
                     self._on_progress(row)
+                    shown = progress
                 if stopping:
                     return
                 wait = self._every
