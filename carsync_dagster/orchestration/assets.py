@@ -41,6 +41,7 @@ from carsync_dagster.partition_flow import (
     Stages,
 )
 from carsync_dagster.ranges import in_order
+from carsync_dagster.source.client import RequestStats
 from carsync_dagster.warehouse import syncs
 from carsync_dagster.warehouse.load import ConcurrentMerge
 from carsync_dagster.warehouse.normalised_store import NormalisedStore
@@ -151,16 +152,18 @@ def sync_partitions(
             elif isinstance(event, PartitionDone):
                 yield from tally.partition_done(conn, schema, sync_id, event)
         progress.tick(flow, force=True)
-        client = flow.client
+        # A step that fetched nothing (all landed before, or no `pages` selected) asked nothing.
+        stats = flow.client.stats if flow.client else RequestStats()
+        latency = {"p95_latency_ms": round(stats.percentile(0.95) * 1000, 1)}
         syncs.add_figures(
             conn,
             schema,
             sync_id,
             {
-                "requests": client.stats.requests if client else 0,
-                "retries": client.stats.retries if client else 0,
-                "hedged": client.stats.hedged if client else 0,
-                "errors": dict(client.stats.by_class) if client else {},
+                "requests": stats.requests,
+                "retries": stats.retries,
+                "hedged": stats.hedged,
+                "errors": dict(stats.by_class),
             },
             {
                 "partitions": len(keys),
@@ -168,11 +171,7 @@ def sync_partitions(
                 "partitions_unchanged": tally.unchanged,
                 "partitions_failed": len(tally.failed),
                 **({"feed_total": flow.feed_total} if flow.feed_total is not None else {}),
-                **(
-                    {"p95_latency_ms": round(client.stats.percentile(0.95) * 1000, 1)}
-                    if client and client.stats.latencies
-                    else {}
-                ),
+                **(latency if stats.latencies else {}),
             },
         )
     if tally.failed:
