@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -138,37 +140,96 @@ def sync(
         concurrency=concurrency,
         rps=rps,
     )
-    from carsync_dagster.runner import SyncBusyError, open_environment, run_sync
+    from carsync_dagster import interrupts
+    from carsync_dagster.runner import (
+        DatabaseGoneError,
+        SyncBusyError,
+        open_environment,
+        run_sync,
+    )
     from carsync_dagster.source.errors import ApiError
 
     started = time.perf_counter()
     secrets = settings.secrets()
-    try:
-        with open_environment(settings) as env:
-            secrets.append(env.api_key)
-            outcome = run_sync(
-                env,
-                incremental=incremental,
-                allow_mass_deactivation=allow_mass_deactivation,
-                on_progress=lambda row: _print_progress(row, started),
-            )
-    except (SyncBusyError, ApiError) as error:
-        err.print(f"carsync: {redact(str(error), secrets)}", markup=False)
-        raise typer.Exit(1) from None
-    except Exception as error:  # anything else: one safe line, never a secret
-        message = redact(f"{type(error).__name__}: {error}".splitlines()[0], secrets)
-        err.print(f"carsync: sync failed: {message}", markup=False)
-        raise typer.Exit(1) from None
+    log_file = _log_to_file(settings.data_path / "logs" / "carsync.log")
+
+    def say(text: str) -> None:
+        err.print(f"carsync: {redact(text, secrets)}", markup=False)
+
+    # SIGTERM as Ctrl+C: the sync stops at its next event and keeps what it merged.
+    signal.signal(signal.SIGTERM, _interrupt)
+    stop_errors = _stop_errors()
+    with interrupts.received_signals() as received:
+        try:
+            with open_environment(settings) as env:
+                secrets.append(env.api_key)
+                outcome = run_sync(
+                    env,
+                    incremental=incremental,
+                    allow_mass_deactivation=allow_mass_deactivation,
+                    on_progress=lambda row: _print_progress(row, started),
+                    on_notice=say,
+                )
+        except stop_errors:
+            say("interrupted before the sync's run began or after it ended; run carsync sync again")
+            raise typer.Exit(_signal_exit(received())) from None
+        except (SyncBusyError, ApiError, DatabaseGoneError) as error:
+            say(str(error))
+            raise typer.Exit(1) from None
+        except Exception as error:  # anything else: one safe line, never a secret
+            logging.getLogger("carsync").exception("sync failed")
+            say(f"sync failed: {_first_line(error)} (details in {log_file})")
+            raise typer.Exit(1) from None
+        signals = received()
     summary = {**outcome.summary, "seconds": round(time.perf_counter() - started, 2)}
+    if outcome.status == "interrupted" and any(n in interrupts.STOP_SIGNALS for n in signals):
+        why = (outcome.error or "").removeprefix("interrupted: ")
+        say(f"interrupted: {why}; run carsync sync again to resume")
+        if json_output:
+            print(json.dumps({**summary, "status": outcome.status, "success": False}), flush=True)
+        raise typer.Exit(_signal_exit(signals))
     if not outcome.success:
-        why = redact(outcome.error or "", secrets)
-        err.print(f"carsync: sync {outcome.status}: {why}", markup=False)
+        say(f"sync {outcome.status}: {outcome.error or ''}")
     if json_output:
         report = {**summary, "status": outcome.status, "success": outcome.success}
         print(json.dumps(report, default=str), flush=True)
     else:
         out.print(_summary_table(summary))
     raise typer.Exit(0 if outcome.success else 1)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = f"{type(error).__name__}: {error}".splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _signal_exit(signals: list[int]) -> int:
+    """128 + the signal that stopped the command, as shells report it (SIGINT → 130)."""
+    stops = [n for n in signals if n in (signal.SIGINT, signal.SIGTERM)]
+    return 128 + (stops[0] if stops else signal.SIGINT)
+
+
+def _stop_errors() -> tuple[type[BaseException], ...]:
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    return (KeyboardInterrupt, DagsterExecutionInterruptedError)
+
+
+def _log_to_file(path: Path) -> Path:
+    """Warnings, tracebacks of threads and libraries, anything written to sys.stderr: into a
+    log file. carsync prints one line per event; the full story is there and in the run's log."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    err.file = sys.stderr  # carsync's own lines still reach the terminal
+    # Dagster writes some failures straight to sys.stderr (an event it could not store).
+    sys.stderr = open(path, "a", buffering=1)  # noqa: SIM115 (open for the process's life)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
+    )
+    # The API client's notices (the circuit opened, closed) are one line each, for people.
+    notices = logging.StreamHandler(err.file)
+    notices.setFormatter(logging.Formatter("carsync: %(message)s"))
+    logging.getLogger("carsync.source").addHandler(notices)
+    return path.resolve()
 
 
 @app.command(

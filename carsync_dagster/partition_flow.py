@@ -91,6 +91,7 @@ class PartitionFlow:
     fetch: FetchSettings | None = None
     merge: ConcurrentMerge | None = None
     merged_before: Collection[str] = ()
+    interrupt: threading.Event | None = None  # set: stop, keeping what is merged by then
     pages_done: int = 0
     records_done: int = 0
     partitions_done: int = 0  # at their last stage, or failed
@@ -127,6 +128,9 @@ class PartitionFlow:
             thread.start()
         try:
             while pending:
+                if self.interrupt is not None and self.interrupt.is_set():
+                    yield from self._wind_down(threads)
+                    return
                 try:
                     event = self._events.get(timeout=_TICK_SECONDS)
                 except queue.Empty:
@@ -142,6 +146,19 @@ class PartitionFlow:
             self._stop_everything()
             for thread in threads:
                 thread.join()
+
+    def _wind_down(self, threads: list[threading.Thread]) -> Iterator[PartitionDone]:
+        """Stop fetching and normalising, let the merges in flight commit, and hand back what
+        finished meanwhile: a partition merged is checkpointed, and its figures count."""
+        self._stop_everything()
+        for thread in threads:
+            thread.join()
+        if self.merge is not None:
+            self.merge.close()
+        while not self._events.empty():
+            event = self._events.get()
+            if isinstance(event, PartitionDone):
+                yield event
 
     def _merged_already(self, key: str) -> bool:
         return self.stages.merge and key in self.merged_before

@@ -21,11 +21,18 @@ import psycopg
 
 from carsync_dagster.settings import Settings
 from carsync_dagster.source.errors import ApiError
-from carsync_dagster.warehouse import syncs
+from carsync_dagster.warehouse import availability, syncs
 from carsync_dagster.warehouse.schema import migrate
 from carsync_dagster.warehouse.syncs import SyncBusyError
 
-__all__ = ["Environment", "SyncBusyError", "SyncOutcome", "open_environment", "run_sync"]
+__all__ = [
+    "DatabaseGoneError",
+    "Environment",
+    "SyncBusyError",
+    "SyncOutcome",
+    "open_environment",
+    "run_sync",
+]
 
 DAGSTER_PG_URL_ENV = "CARSYNC_DAGSTER_PG_URL"
 DAGSTER_SCHEMA = "dagster"
@@ -200,14 +207,82 @@ def _register_partitions(instance: Any, keys: list[str]) -> None:
         instance.delete_dynamic_partition(name, stale)
 
 
+# After the connection to the warehouse is lost, how long to wait for PostgreSQL to answer
+# again, and how many restarts one `carsync sync` rides out.
+DATABASE_WAIT_SECONDS = 60.0
+DATABASE_RESTARTS = 3
+
+
+class DatabaseGoneError(Exception):
+    """The warehouse's PostgreSQL went away and did not come back in time (one line)."""
+
+
 def run_sync(
     env: Environment,
     *,
     incremental: bool = False,
     allow_mass_deactivation: bool = False,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_notice: Callable[[str], None] = lambda _: None,
 ) -> SyncOutcome:
-    """One sync through Dagster: a full sync is one run over every listing range (then the
+    """One sync through Dagster (see `_run_once`). When PostgreSQL restarts under it (its
+    runs' statements fail: dagster-postgres retries only connecting), waits for the server
+    and resumes the same sync in a new run; `on_notice` hears what happened."""
+    restarts = 0
+    while True:
+        began, server_start = time.monotonic(), availability.server_started(env.database_url)
+        try:
+            outcome = _run_once(
+                env,
+                incremental=incremental,
+                allow_mass_deactivation=allow_mass_deactivation,
+                on_progress=on_progress,
+            )
+        except Exception:
+            if restarts == DATABASE_RESTARTS or not _restarted(env, server_start):
+                raise
+        else:
+            done = outcome.success or outcome.status == "interrupted"
+            if done or restarts == DATABASE_RESTARTS or not _restarted(env, server_start):
+                return outcome
+        restarts += 1
+        failed = _fail_runs_left_here("PostgreSQL restarted while it ran")
+        on_notice(
+            f"PostgreSQL restarted {time.monotonic() - began:.0f}s into the sync; it answers "
+            f"again, so the sync continues in a new run ({len(failed)} run marked failed)"
+        )
+
+
+def _restarted(env: Environment, server_start: Any) -> bool:
+    """Whether the server restarted since `server_start`, waiting for it to answer."""
+    now = availability.wait_for_server(env.database_url, DATABASE_WAIT_SECONDS)
+    if now is None:
+        where = urlsplit(env.database_url)
+        raise DatabaseGoneError(
+            f"lost the connection to PostgreSQL at {where.hostname or 'localhost'}:"
+            f"{where.port or 5432}, which did not answer again within "
+            f"{DATABASE_WAIT_SECONDS:.0f}s; run carsync sync again once it is up to resume"
+        )
+    return server_start is None or now != server_start
+
+
+def _fail_runs_left_here(reason: str) -> list[str]:
+    from dagster import DagsterInstance
+
+    from carsync_dagster.orchestration.lifecycle import fail_runs_left_here
+
+    with DagsterInstance.get() as instance:
+        return fail_runs_left_here(instance, reason)
+
+
+def _run_once(
+    env: Environment,
+    *,
+    incremental: bool,
+    allow_mass_deactivation: bool,
+    on_progress: Callable[[dict[str, Any]], None] | None,
+) -> SyncOutcome:
+    """One sync in one Dagster run: a full sync is one run over every listing range (then the
     catch-up and vanished-listings steps); an incremental one runs `recent_changes`. A full
     sync continues the last one when that failed on something transient, not long ago."""
     quiet_chosen_dagster_warnings()
@@ -216,6 +291,7 @@ def run_sync(
     from carsync_dagster.definitions import defs as load_definitions
     from carsync_dagster.orchestration import lifecycle
     from carsync_dagster.orchestration.assets import ensure_api_pool
+    from carsync_dagster.orchestration.liveness import Worker
     from carsync_dagster.orchestration.tags import (
         ALLOW_MASS_DEACTIVATION_TAG,
         RANGE_END_TAG,
@@ -223,6 +299,7 @@ def run_sync(
         SCHEMA_TAG,
         SYNC_ID_TAG,
         SYNC_KIND_TAG,
+        WORKER_TAG,
     )
     from carsync_dagster.ranges import partition_keys
 
@@ -234,8 +311,8 @@ def run_sync(
     with (
         syncs.writer_lock(env.database_url, schema),
         psycopg.connect(env.database_url, autocommit=True) as conn,
+        DagsterInstance.get() as instance,
     ):
-        instance = DagsterInstance.get()
         # Dagster's Postgres storage opens a connection for every write unless told otherwise;
         # a sync writes a few hundred events, so keep one open per storage, as its webserver does.
         instance.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=4)
@@ -243,7 +320,9 @@ def run_sync(
         # Runs whose worker died are failed (they would hold the API pool slot for ever) and
         # syncs left running are settled, so that what may be resumed is known.
         lifecycle.reconcile(instance, conn, schema, settings, follow_up=False, log=_ignore)
-        tags = {SYNC_KIND_TAG: kind, SCHEMA_TAG: schema}
+        # The worker tag now, not only when the run claims its sync: a run this process leaves
+        # behind (the database restarted) is then found and failed before the sync resumes.
+        tags = {SYNC_KIND_TAG: kind, SCHEMA_TAG: schema, WORKER_TAG: Worker.this_process().tag}
         sync_id = None
         if not incremental:
             keys = partition_keys(_feed_total(env), settings.listings_per_partition)
@@ -269,7 +348,9 @@ def run_sync(
             load_definitions().resolve_job_def(f"{kind}_sync").execute_in_process(
                 instance=instance,
                 tags=tags,
-                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+                # carsync prints its own one-line outcome; the steps' logs and traces stay in
+                # the run's event log (the UI, `dagster` tools).
+                run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
                 raise_on_error=False,
             )
         finally:
@@ -312,6 +393,7 @@ class _ProgressWatcher:
         self._every = every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="carsync-progress", daemon=True)
+        self._conn: psycopg.Connection | None = None
 
     def start(self) -> None:
         if self._on_progress is not None:
@@ -323,20 +405,35 @@ class _ProgressWatcher:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        database_url, schema, sync_id = self._args
         assert self._on_progress is not None
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            wait = 0.5  # the first line comes early, so people see the sync has started
-            shown = None
-            while True:
-                stopping = self._stop.wait(wait)
-                row = syncs.read_sync(conn, schema, sync_id)
-                progress = (row.get("summary") or {}).get("progress") if row else None
-                # A last line once the run ended (a sync shorter than the interval shows one),
-                # unless it would say what the line before said.
-                if row is not None and (not stopping or progress not in (None, shown)):
-                    self._on_progress(row)
-                    shown = progress
-                if stopping:
-                    return
-                wait = self._every
+        wait = 0.5  # the first line comes early, so people see the sync has started
+        shown = None
+        while True:
+            stopping = self._stop.wait(wait)
+            try:
+                row = self._read()
+            except psycopg.Error:  # the server restarted: the sync's runner deals with that
+                row = None
+                self._close()
+            progress = (row.get("summary") or {}).get("progress") if row else None
+            # A last line once the run ended (a sync shorter than the interval shows one),
+            # unless it would say what the line before said.
+            if row is not None and (not stopping or progress not in (None, shown)):
+                self._on_progress(row)
+                shown = progress
+            if stopping:
+                self._close()
+                return
+            wait = self._every
+
+    def _read(self) -> dict[str, Any] | None:
+        database_url, schema, sync_id = self._args
+        if self._conn is None:
+            self._conn = psycopg.connect(database_url, autocommit=True, connect_timeout=3)
+        return syncs.read_sync(self._conn, schema, sync_id)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None

@@ -2,9 +2,10 @@
 
 One step runs the three as a pipeline (carsync_dagster.partition_flow): each listing range is
 normalised as soon as it lands and merged as soon as it is normalised, and each can still be
-materialised alone. What landed or was normalised is marked per partition as it happens, so the
-UI shows the checkpoints a re-run resumes from; a range whose page stayed broken gets no mark,
-the step fails once every other range is merged, and Dagster shows exactly that range failed.
+materialised alone. What landed, was normalised or merged is marked per partition when the
+pipeline stops, so the UI shows the checkpoints a re-run resumes from; a range whose page stayed
+broken gets no mark, the step fails once every other range is merged, and Dagster shows exactly
+that range failed.
 """
 
 import contextlib
@@ -26,6 +27,7 @@ from dagster import (
     multi_asset,
 )
 
+from carsync_dagster import interrupts
 from carsync_dagster.orchestration.lifecycle import sync_failure
 from carsync_dagster.orchestration.partitions import listing_ranges
 from carsync_dagster.orchestration.resources import (
@@ -42,7 +44,7 @@ from carsync_dagster.partition_flow import (
 )
 from carsync_dagster.ranges import in_order
 from carsync_dagster.source.client import RequestStats
-from carsync_dagster.warehouse import syncs
+from carsync_dagster.warehouse import syncs, vanished
 from carsync_dagster.warehouse.load import ConcurrentMerge
 from carsync_dagster.warehouse.normalised_store import NormalisedStore
 
@@ -126,7 +128,12 @@ def sync_partitions(
     settings, schema, sync_id = api.settings(), warehouse.schema_name, sync.sync_id
     keys = in_order(context.partition_keys)
     tally = _Tally()
+    # Collected, and handed to Dagster when the pipeline has stopped: while this generator
+    # yields, Dagster's own signal handling is back and would interrupt it at any line.
+    marks: list[AssetMaterialization] = []
     with warehouse.connect(autocommit=True) as conn, contextlib.ExitStack() as stack:
+        # SIGINT/SIGTERM stop the pipeline at its next event, never inside a statement.
+        stop = stack.enter_context(interrupts.deferred())
         this_year = syncs.sync_year(conn, schema, sync_id)
         flow = PartitionFlow(
             keys,
@@ -141,7 +148,8 @@ def sync_partitions(
                 if stages.merge
                 else None
             ),
-            merged_before=syncs.merged_partitions(conn, schema, sync_id) if stages.merge else {},
+            merged_before=_merged_before(conn, schema, sync_id) if stages.merge else {},
+            interrupt=stop,
         )
         progress = _Progress(context, conn, schema, sync_id, stages, len(keys))
         for event in flow.run():
@@ -150,7 +158,7 @@ def sync_partitions(
                 tally.failed[event.key] = event
                 context.log.error(f"listing range {event.key} not merged: {event.error}")
             elif isinstance(event, PartitionDone):
-                yield from tally.partition_done(conn, schema, sync_id, event)
+                marks.extend(tally.partition_done(conn, schema, sync_id, event))
         progress.tick(flow, force=True)
         # A step that fetched nothing (all landed before, or no `pages` selected) asked nothing.
         stats = flow.client.stats if flow.client else RequestStats()
@@ -174,6 +182,15 @@ def sync_partitions(
                 **(latency if stats.latencies else {}),
             },
         )
+        merged_now = len(syncs.merged_partitions(conn, schema, sync_id)) if stop.is_set() else 0
+    yield from marks
+    if stop.is_set():
+        yield from tally.merged_marks()
+        raise sync_failure(
+            f"interrupted: {merged_now} of {len(keys)} listing ranges merged",
+            outcome="interrupted",
+            resumable=True,
+        )
     if tally.failed:
         yield from tally.merged_marks()
         raise tally.failure(len(keys))
@@ -183,12 +200,24 @@ def sync_partitions(
         yield MaterializeResult(asset_key=CARS, metadata=tally.cars_totals())
 
 
+def _merged_before(conn: Any, schema: str, sync_id: str) -> dict[str, int]:
+    """The listing ranges this sync merged in earlier runs, unless a crash recovery of
+    PostgreSQL emptied the UNLOGGED seen_ids since: then they are merged again (unchanged rows
+    are not rewritten), so the ids the vanished-listings step judges from are complete."""
+    merged = syncs.merged_partitions(conn, schema, sync_id)
+    if merged and not vanished.seen_ids_intact(conn, schema, sync_id, sum(merged.values())):
+        syncs.forget_merged_partitions(conn, schema, sync_id)
+        return {}
+    return merged
+
+
 class _Tally:
     """What the step's partitions did: per-partition metadata, and the sync's figures."""
 
     def __init__(self) -> None:
         self.merged: dict[str, dict[str, Any]] = {}
         self.failed: dict[str, PartitionFailed] = {}
+        self.merged_earlier: list[str] = []  # by an earlier run of this sync
         self.resumed = 0  # landed or merged by this sync before: not again
         self.unchanged = 0  # landed with the same records as last normalised: files kept
 
@@ -198,6 +227,8 @@ class _Tally:
         figures = dict(event.figures)
         if figures.pop("resumed", False):
             self.resumed += 1
+            if event.stage == "merged":
+                self.merged_earlier.append(event.key)
             return
         if event.stage == "landed":
             syncs.add_figures(
@@ -216,6 +247,8 @@ class _Tally:
     def merged_marks(self) -> Iterator[AssetMaterialization]:
         """The merged listing ranges of a step that fails: marked one by one, so the failed
         ones alone show failed."""
+        for key in self.merged_earlier:
+            yield AssetMaterialization(CARS, partition=key, metadata={"resumed": True})
         for key, metadata in self.merged.items():
             yield AssetMaterialization(CARS, partition=key, metadata=metadata)
 

@@ -78,8 +78,14 @@ def sync_failure(
 
 
 # Errors that pass: a lost database connection, the writer lock held by a run that will end,
-# a request that failed every attempt on timeouts, resets, 5xx or 429.
-_TRANSIENT = {"OperationalError", "InterfaceError", "SyncBusyError", "PageUnavailableError"}
+# a request that failed every attempt on timeouts, resets, 5xx or 429, an API not there.
+_TRANSIENT = {
+    "OperationalError",
+    "InterfaceError",
+    "SyncBusyError",
+    "PageUnavailableError",
+    "ApiUnreachableError",
+}
 _INTERRUPTED = {"DagsterExecutionInterruptedError", "KeyboardInterrupt"}
 _REASON_LIMIT = 300
 
@@ -338,6 +344,19 @@ def fail_lost_runs(
             log(f"run {run.run_id} failed: {reason}")
             failed.append(run.run_id)
     return failed
+
+
+def fail_runs_left_here(instance: DagsterInstance, reason: str) -> list[str]:
+    """Fail the runs this process executed in process that ended without a word (the database
+    went away under them): their syncs can then be settled and resumed. Called when this
+    process runs nothing, so none of them is still at work."""
+    runs = instance.get_runs(
+        RunsFilter(tags={WORKER_TAG: Worker.this_process().tag}, statuses=ACTIVE)
+    )
+    for run in runs:
+        instance.report_run_failed(run, f"carsync: {reason}")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+    return [run.run_id for run in runs]
 
 
 def _last_event_time(instance: DagsterInstance, run: DagsterRun) -> float:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import random
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,12 +26,16 @@ from carsync_dagster.source.errors import (
     ApiAuthError,
     ApiConfigError,
     ApiError,
+    ApiUnreachableError,
     PageUnavailableError,
     RetryableApiError,
 )
 from carsync_dagster.source.ratelimit import RateControl
 
 _SERVER_ERRORS = frozenset({500, 502, 503, 504})
+# A refused connection or an unknown host name is retried this often, half a second apart (an
+# API restarting), then the sync stops: a server that is not there will not answer in minutes.
+_UNREACHABLE_ATTEMPTS, _UNREACHABLE_PAUSE = 3, 0.5
 T = TypeVar("T")
 
 
@@ -156,7 +161,7 @@ def parse_page(number: int, body: bytes, seconds: float) -> Page:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_attempts: int = 8  # per page, counted while the circuit is closed
+    max_attempts: int = 8  # per page, probes of an open circuit included
     max_backoff: float = 30.0
     hedge_after: float = 0.5  # at least this long before another copy of a slow request
     max_hedge_after: float = 5.0
@@ -262,14 +267,20 @@ class ListingsClient:
                     self.breaker.failed(probe)
                 else:
                     self.breaker.release(probe)
-                attempts += 0 if probe else 1
+                # A probe counts too: with the circuit open because of this very request, it
+                # would otherwise be asked for ever.
+                attempts += 1
+                if error.kind == "unreachable" and attempts >= _UNREACHABLE_ATTEMPTS:
+                    raise ApiUnreachableError(
+                        f"{error}, {attempts} times: check API_BASE_URL and that the API is up"
+                    ) from None
                 if attempts >= self.policy.max_attempts:
                     last = str(error).removeprefix(f"{what}: ")
                     raise PageUnavailableError(
                         f"{what}: {last} (gave up after {attempts} attempts)", kind=error.kind
                     ) from None
                 self.stats.retries += 1
-                await asyncio.sleep(self._backoff(attempts, error.retry_after))
+                await asyncio.sleep(self._backoff(attempts, error.retry_after, error.kind))
                 continue
             except BaseException:
                 self.breaker.release(probe)
@@ -277,7 +288,9 @@ class ListingsClient:
             self.breaker.succeeded(probe)
             return result
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+    def _backoff(self, attempt: int, retry_after: float | None, kind: str = "") -> float:
+        if kind == "unreachable":
+            return _UNREACHABLE_PAUSE
         if retry_after is not None:
             return retry_after + random.uniform(0, 0.25)
         # Exponential with full jitter, so concurrent retries spread out.
@@ -349,6 +362,13 @@ class ListingsClient:
             # The transport maps aiohttp's errors to httpx's; any it does not map (a malformed
             # response, say) is a failed attempt all the same.
             except (httpx.TransportError, aiohttp.ClientError, TimeoutError) as error:
+                if why := _unreachable(error):
+                    url = self._client.base_url
+                    raise RetryableApiError(
+                        f"cannot reach the API at {url.host}:{url.port or _PORTS[url.scheme]}"
+                        f" ({why})",
+                        kind="unreachable",
+                    ) from None
                 cause = error.__cause__ or error  # the transport raises httpx's from aiohttp's
                 timed_out = isinstance(cause, TimeoutError | httpx.TimeoutException)
                 kind = "timeout" if timed_out else "connection"
@@ -385,6 +405,21 @@ class ListingsClient:
             raise RetryableApiError(f"{path}: HTTP {status}", kind="5xx")
         self.stats.count(str(status))
         raise ApiError(f"{path}: unexpected HTTP {status} from the API")
+
+
+_PORTS = {"http": 80, "https": 443}
+
+
+def _unreachable(error: BaseException) -> str | None:
+    """Why no connection could be made at all (refused, unknown host), or None."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(seen, socket.gaierror):
+            return "host name not found"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _parse_car(body: bytes, seconds: float) -> Any:

@@ -15,11 +15,17 @@ class ApiConfigError(ApiError):
     """400: our request is wrong (a setting). Never retried."""
 
 
+class ApiUnreachableError(ApiError):
+    """Connection refused or host name not found, a few times within seconds: the API is not
+    there (a wrong API_BASE_URL, or the server is down). Not worth the long retries of a slow
+    or failing server; the whole sync stops, and a later one starts where it left off."""
+
+
 class RetryableApiError(ApiError):
     """A fault that may pass: 429, 5xx, timeouts, resets, cut or HTML bodies.
 
-    `kind` is its class in the metrics: "429", "5xx", "timeout", "connection", "truncated",
-    "html" or "bad_body"."""
+    `kind` is its class in the metrics: "429", "5xx", "timeout", "connection", "unreachable",
+    "truncated", "html" or "bad_body"."""
 
     def __init__(self, message: str, *, kind: str, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -28,8 +34,11 @@ class RetryableApiError(ApiError):
 
     @property
     def is_server_failure(self) -> bool:
-        """429 is the server pacing us, not failing: it never trips the circuit breaker."""
-        return self.kind != "429"
+        """A server in trouble answers 5xx, times out or drops connections: those trip the
+        circuit breaker. A 429 is the server pacing us, a broken body is one page's content
+        (the same few pages failing again would keep the circuit open), and a refused
+        connection is no server at all."""
+        return self.kind in ("5xx", "timeout", "connection")
 
 
 class PageUnavailableError(ApiError):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -107,7 +108,7 @@ async def fetch_partitions(
             await ended.wait()
 
     try:
-        async with asyncio.TaskGroup() as group:
+        async with _first_error_raised(), asyncio.TaskGroup() as group:
             for partition in partitions:
                 numbers = range(partition.first_page, partition.last_page + 1)
                 state = _Fetching(open_sink(partition), len(numbers), time.perf_counter())
@@ -133,6 +134,19 @@ async def fetch_partitions(
                 state.sink.discard()
 
 
+@contextlib.asynccontextmanager
+async def _first_error_raised() -> AsyncIterator[None]:
+    """A TaskGroup's errors come wrapped in an ExceptionGroup whose text says nothing; the first
+    one is what went wrong (the others are usually the same, on other pages)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+
+
 async def fetch_updated_since(
     client: ListingsClient,
     since: str,
@@ -148,7 +162,7 @@ async def fetch_updated_since(
     numbers = list(range(2, first.last_page + 1))
     for start in range(0, len(numbers), batch_pages):
         chunk = numbers[start : start + batch_pages]
-        async with asyncio.TaskGroup() as group:
+        async with _first_error_raised(), asyncio.TaskGroup() as group:
             tasks = [group.create_task(client.get_page(n, per_page, since)) for n in chunk]
         on_batch([task.result() for task in tasks])
     return first.last_page if first.records else 1

@@ -154,6 +154,10 @@ class ConcurrentMerge:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Wait for the merges running, drop those waiting, close the connections."""
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._stack.close()
 
