@@ -29,7 +29,12 @@ out = Console(highlight=False, soft_wrap=True)
 
 # Flags of the same name as the settings; there is deliberately no flag for API_KEY.
 ApiBaseUrl = Annotated[str | None, typer.Option("--api-base-url", help="API_BASE_URL")]
-DatabaseUrl = Annotated[str | None, typer.Option("--database-url", help="DATABASE_URL")]
+# A command line is visible to every user of the machine: this flag never takes a password
+# (load_settings refuses one; the DATABASE_URL environment variable may hold it).
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option("--database-url", help="DATABASE_URL, without a password (set that in the env)"),
+]
 Schema = Annotated[str | None, typer.Option("--schema", help="CARSYNC_SCHEMA")]
 PageSize = Annotated[int | None, typer.Option("--page-size", help="CARSYNC_PAGE_SIZE")]
 PagesPerPartition = Annotated[

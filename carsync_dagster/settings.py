@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -17,6 +17,8 @@ from pydantic import (
     model_validator,
 )
 
+# redact lives with the rest of redaction; it stays importable from here.
+from carsync_dagster.redaction import redact as redact
 from carsync_dagster.source.client import RetryPolicy
 
 _SECRET_SETTINGS = ("API_KEY", "DATABASE_URL")
@@ -185,12 +187,12 @@ class Settings(BaseModel):
         )
 
     def secrets(self) -> list[str]:
-        """Values that must never be shown: the key and the database password."""
+        """Values that must never be shown: the key and the database password (as written in
+        the URL and decoded: libpq quotes it as written when it cannot decode it)."""
         found = [self.api_key.get_secret_value()] if self.api_key else []
         if self.database_url is not None:
-            password = urlsplit(self.database_url.get_secret_value()).password
-            found += [unquote(password)] if password else []
-        return [value for value in found if value]
+            found += url_passwords(self.database_url.get_secret_value())
+        return [value for value in dict.fromkeys(found) if value]
 
     @property
     def data_path(self) -> Path:
@@ -201,12 +203,35 @@ class Settings(BaseModel):
         return Path(self.dagster_home or self.data_path / "dagster").absolute()
 
 
+def url_passwords(url: str) -> list[str]:
+    """The passwords a libpq URL holds, in its user info or as `?password=`: as written and
+    decoded."""
+    try:
+        parts = urlsplit(url)
+        written = [parts.password] if parts.password else []
+    except ValueError:  # not a URL: never a setting (the URL check refuses it)
+        return []
+    for pair in parts.query.split("&"):
+        name, _, value = pair.partition("=")
+        if unquote(name) == "password" and value:
+            written.append(value)
+    return list(dict.fromkeys(form for value in written for form in (value, unquote(value))))
+
+
 def load_settings(
     environ: Mapping[str, str], overrides: Mapping[str, object] | None = None
 ) -> Settings:
-    """Settings from `environ`; non-None `overrides` (CLI flags, keyed by the same names) win."""
+    """Settings from `environ`; non-None `overrides` (CLI flags, keyed by the same names) win.
+    A flag never holds a password: every user of the machine can read a command line."""
     values: dict[str, object] = {k: v for k, v in environ.items() if v != ""}
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    flag_url = flags.get("DATABASE_URL")
+    if isinstance(flag_url, str) and url_passwords(flag_url):
+        raise SettingsError(
+            "DATABASE_URL: no password on the command line (every user of this machine can read "
+            "it there); set it in the DATABASE_URL environment variable instead"
+        )
+    values.update(flags)
     try:
         return Settings.model_validate(values)
     except ValidationError as error:
@@ -216,11 +241,3 @@ def load_settings(
         message = first["msg"].removeprefix("Value error, ")
         shown = "" if name in _SECRET_SETTINGS else f" (got {first.get('input')!r})"
         raise SettingsError(f"{name}: {message}{shown}") from None
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    """`text` with every secret (plain or URL-quoted) replaced by ***."""
-    for secret in secrets:
-        for form in {secret, quote(secret, safe="")}:
-            text = text.replace(form, "***")
-    return text

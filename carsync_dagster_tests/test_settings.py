@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import base64
+from urllib.parse import quote
+
 import pytest
 
-from carsync_dagster.settings import SettingsError, load_settings, redact
+from carsync_dagster.settings import SettingsError, load_settings, redact, url_passwords
+from carsync_dagster_tests.secret_scan import scan
 
 
 def test_defaults_follow_the_operations_contract() -> None:
@@ -70,3 +74,44 @@ def test_bad_automation_settings_name_the_setting(name: str, value: str) -> None
     with pytest.raises(SettingsError) as error:
         load_settings({name: value})
     assert str(error.value).startswith(f"{name}: ") and repr(value) in str(error.value)
+
+
+def test_redact_hides_base64_and_lower_case_escapes_and_keeps_the_rest() -> None:
+    key = "sk/live+Key=42"
+    header = base64.b64encode(f"X-API-Key: {key}".encode()).decode()  # the key mid-stream
+    lower_hex = (
+        quote(key, safe="").replace("%2F", "%2f").replace("%2B", "%2b").replace("%3D", "%3d")
+    )
+    text = f"echo {base64.b64encode(key.encode()).decode()} {header} {lower_hex}"
+    redacted = redact(text, [key])
+    assert redacted.startswith("echo ***") and redacted.count("***") == 3, redacted
+    assert scan({"key": key}, texts={"redacted": redacted}) == []
+    assert scan({"key": key}, texts={"as it was": text}) != [], "the scan would see it"
+    assert redact("nothing secret here", [key]) == "nothing secret here"
+
+
+@pytest.mark.parametrize(
+    ("url", "passwords"),
+    [
+        ("postgresql://u@h/db", []),
+        ("postgresql://u:p%40ss%2542@h/db", ["p%40ss%2542", "p@ss%42"]),
+        ("postgresql://u@h/db?sslmode=require&password=hunter%32", ["hunter%32", "hunter2"]),
+    ],
+)
+def test_a_database_url_names_its_passwords_as_written_and_decoded(
+    url: str, passwords: list[str]
+) -> None:
+    assert url_passwords(url) == passwords
+    settings = load_settings({"DATABASE_URL": url})
+    assert settings.secrets() == passwords
+
+
+def test_a_password_is_refused_in_a_flag_but_not_in_the_environment() -> None:
+    url = "postgresql://u:hunter2@db/warehouse"
+    with pytest.raises(SettingsError) as error:
+        load_settings({}, {"DATABASE_URL": url})
+    message = str(error.value)
+    assert message.startswith("DATABASE_URL: ") and "environment variable" in message
+    assert "hunter2" not in message and "\n" not in message
+    assert load_settings({"DATABASE_URL": url}).database_url is not None
+    assert load_settings({}, {"DATABASE_URL": "postgresql://u@db/warehouse"}).database_url

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hmac
 import math
 import os
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import fields
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 import orjson
 
@@ -34,11 +35,13 @@ MAINTENANCE_PAGE = (
 )
 ERROR_STATUSES = (500, 502, 503, 504)
 CONTROL_POSTS = ("/_sim/mutate", "/_sim/undelete", "/_sim/fix", "/_sim/config", "/_sim/break")
-# How /_sim/break serves a list page, every time it is asked for, until it is mended.
+# How /_sim/break serves a list page, every time it is asked for, until it is mended (echo_400
+# also when asked with updated_since, the others only without).
 BREAKAGES = {
     "no_data": "a body without a data list",
     "not_json": "a body that is not JSON",
     "bad_utf8": "a record with bytes that are not UTF-8 (the page itself is fine)",
+    "echo_400": "a 400 whose error text echoes the request's key: as sent, URL-quoted, base64",
 }
 CLIENT_GONE = 499  # recorded in the stats for a hang the client gave up on
 
@@ -143,6 +146,18 @@ def parse_list_query(query_string: bytes) -> ListQuery:
     return page, per_page, since, maker
 
 
+def _echo(scope: Message) -> str:
+    """What a careless server answers a request it refuses: the request, key and all, in the
+    spellings such servers use (as sent, as a URL parameter, in a base64 dump of the header)."""
+    key = next((v for k, v in scope["headers"] if k == b"x-api-key"), b"").decode("latin-1")
+    query = scope["query_string"].decode("latin-1")
+    dump = base64.b64encode(f"X-API-Key: {key}".encode("latin-1")).decode()
+    return (
+        f"refused {scope['path']}?{query} with X-API-Key {key} "
+        f"(api_key={quote(key, safe='')}, header dump {dump})"
+    )
+
+
 class SimulatorApp:
     """ASGI app: the source API on /cars, control endpoints on /_sim/."""
 
@@ -218,6 +233,8 @@ class SimulatorApp:
             return await send_body(send, 200, MAINTENANCE_PAGE, HTML_TYPE)
         truncate = bool(f.truncate_rate) and rng.random() < f.truncate_rate
 
+        if query is not None and self.broken_pages.get(query[0]) == "echo_400":
+            return await send_json(send, 400, {"error": _echo(scope)})  # with updated_since too
         if query is None:
             self.stats.by_id += 1
             found, record = self.store.get(path[len("/cars/") :])

@@ -21,6 +21,7 @@ import msgspec
 import orjson
 from httpx_aiohttp import AiohttpTransport
 
+from carsync_dagster.redaction import Redactor, one_line
 from carsync_dagster.source.breaker import CircuitBreaker
 from carsync_dagster.source.errors import (
     ApiAuthError,
@@ -36,6 +37,7 @@ _SERVER_ERRORS = frozenset({500, 502, 503, 504})
 # A refused connection or an unknown host name is retried this often, half a second apart (an
 # API restarting), then the sync stops: a server that is not there will not answer in minutes.
 _UNREACHABLE_ATTEMPTS, _UNREACHABLE_PAUSE = 3, 0.5
+_ERROR_TEXT_LIMIT = 200  # characters of a server's own words kept in a message
 T = TypeVar("T")
 
 
@@ -204,6 +206,8 @@ class ListingsClient:
         self.rate = RateControl(rps)
         self.breaker = CircuitBreaker(self.policy.breaker_failures, self.policy.breaker_cooldown)
         self.stats = RequestStats()
+        # The client owns the key, so it takes it out of whatever a server says back.
+        self._redact = Redactor([api_key])
 
     async def __aenter__(self) -> ListingsClient:
         return self
@@ -396,7 +400,9 @@ class ListingsClient:
             )
         if status == 400:
             self.stats.count("config")
-            raise ApiConfigError(f"{path}: HTTP 400 from the API: {_error_text(body)}")
+            raise ApiConfigError(
+                f"{path}: HTTP 400 from the API: {_error_text(body, self._redact)}"
+            )
         if status == 429:
             raise RetryableApiError(
                 f"{path}: HTTP 429", kind="429", retry_after=_retry_after(headers)
@@ -436,8 +442,12 @@ def _retry_after(headers: httpx.Headers) -> float | None:
         return None
 
 
-def _error_text(body: bytes) -> str:
+def _error_text(body: bytes, redact: Redactor) -> str:
+    """What an error answer says, for a message that is logged and stored: one line, the key
+    taken out (a server may echo the request, headers and all) before it is cut to length, so
+    no piece of the key is left at the cut."""
     try:
-        return str(parse_json(body).get("error", ""))[:200]
+        text = str(parse_json(body).get("error", ""))
     except (ValueError, AttributeError):
-        return body[:200].decode(errors="replace")
+        text = body.decode(errors="replace")
+    return redact(one_line(text))[:_ERROR_TEXT_LIMIT]
