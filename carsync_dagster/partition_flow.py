@@ -137,6 +137,9 @@ class PartitionFlow:
                     yield None
                     continue
                 if isinstance(event, _Abort):
+                    if self.interrupt is not None and self.interrupt.is_set():
+                        continue  # stopping anyway: the stop is the story (Ctrl+C in a shell
+                        # also ends the bundled simulator, and every request then fails)
                     raise event.error
                 if isinstance(event, PartitionFailed) or event.stage == self.stages.last:
                     pending.discard(event.key)

@@ -355,7 +355,9 @@ def _run_once(
             )
         finally:
             watcher.stop()
-        verdict = lifecycle.settle(instance, conn, schema, sync_id, settings.secrets())
+        verdict = lifecycle.settle(
+            instance, conn, schema, sync_id, [*settings.secrets(), env.api_key]
+        )
         row = syncs.read_sync(conn, schema, sync_id)
     status = verdict.status if verdict else "failed"
     summary = _summary(row, time.perf_counter() - started)

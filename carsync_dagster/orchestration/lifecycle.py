@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ _TRANSIENT = {
 }
 _INTERRUPTED = {"DagsterExecutionInterruptedError", "KeyboardInterrupt"}
 _REASON_LIMIT = 300
+_QUALIFIED_NAME = re.compile(r"\b(?:\w+\.)+(\w+(?:Error|Exception|Interrupt)\b)")
 
 
 # ---- which sync a run belongs to --------------------------------------------------------
@@ -260,6 +262,7 @@ def _failure_of(instance: DagsterInstance, run: DagsterRun) -> Verdict:
         names = {error.cls_name for error in chain}
         cause = chain[-1] if chain else None
         why = f"{event.step_key}: {_one_line(cause.message) if cause else 'failed'}"  # type: ignore[union-attr]
+        why = _QUALIFIED_NAME.sub(r"\1", why)  # ApiError: …, not carsync_dagster.source.errors.…
         if names & _INTERRUPTED:
             return Verdict("interrupted", why, resumable=True)
         return Verdict("failed", why, resumable=bool(names & _TRANSIENT))
