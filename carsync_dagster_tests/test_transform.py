@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import orjson
 import polars as pl
 import pytest
 
+from carsync_dagster.source.client import check_page, page_records, parse_json
+from carsync_dagster.source.errors import RetryableApiError
 from carsync_dagster.transform import (
     CARS_COLUMNS,
     CARS_SCHEMA,
@@ -21,6 +24,7 @@ from carsync_dagster.transform import (
     data_hash_of,
     normalise,
 )
+from carsync_dagster.transform.rejects import quote
 
 # The repository's own copy of the contract (docs/contract/), so a clone needs nothing beside it.
 EXAMPLES_PATH = Path(__file__).resolve().parents[1] / "docs/contract/normalisation-examples.json"
@@ -305,7 +309,7 @@ def test_other_fields_are_cleaned() -> None:
             color="",
             engine_cc="2999",
             status=" Reserved ",
-            location="Busan\x00",
+            location=" Busan ",
             images=["  a  b ", "", None, 3, "c"],
             created_at="2026-03-11t19:39:30.123456789+09:00",
             updated_at="2026-03-11 10:39:30Z",
@@ -319,7 +323,7 @@ def test_other_fields_are_cleaned() -> None:
     }
     assert car["transmission"] is None and car["color"] is None
     assert car["engine_cc"] == 2999 and car["status"] == "reserved"
-    assert car["location"] == "Busan\ufffd"
+    assert car["location"] == "Busan"
     assert car["images"] == '["a b","c"]'
     assert car["source_created_at"] == dt.datetime(2026, 3, 11, 10, 39, 30, 123456, tzinfo=dt.UTC)
     assert car["source_updated_at"] is None  # not RFC 3339; never a rejection
@@ -339,9 +343,17 @@ def test_images(images: object, stored: str | None) -> None:
     assert only_car(with_changes(images=images))["images"] == stored
 
 
-@pytest.mark.parametrize("engine_cc", [2999.5, "2.9L", True, 2**31, 10**30, -(2**31) - 1])
-def test_engine_cc_that_is_not_an_int32_is_null(engine_cc: object) -> None:
+@pytest.mark.parametrize("engine_cc", [2999.5, "2.9L", True, None])
+def test_engine_cc_that_is_not_an_integer_is_null(engine_cc: object) -> None:
     assert only_car(with_changes(engine_cc=engine_cc))["engine_cc"] is None
+
+
+@pytest.mark.parametrize("engine_cc", [2**31, 10**30, -(2**31) - 1, "2147483648"])
+def test_engine_cc_beyond_the_integer_column_is_rejected(engine_cc: object) -> None:
+    """Never null (lost) nor wrapped: the record waits in cars_rejected."""
+    assert only_reason(with_changes(engine_cc=engine_cc)) == (
+        f"engine_cc: {engine_cc!r} is outside the integer range"
+    )
 
 
 @pytest.mark.parametrize(
@@ -530,7 +542,7 @@ def test_big_ints_and_non_finite_floats_do_not_crash() -> None:
         with_changes(id="nan-year", year=float("nan")),
         with_changes(id="big-mileage", mileage={"value": -(10**40), "unit": "km"}),
         with_changes(id="inf-price", price={"amount": float("inf"), "currency": "KRW"}),
-        with_changes(id="ok", lot_number=10**25, engine_cc=10**25, extra=[10**50, float("nan")]),
+        with_changes(id="ok", lot_number=10**25, engine_cc=2**31 - 1, extra=[10**50, float("nan")]),
         with_changes(id="", extra=[10**50, float("-inf")]),
     ]
     batch = normalise(records, this_year=YEAR)
@@ -595,11 +607,13 @@ BREAKAGES: list[Callable[[Record, random.Random], None]] = [
     lambda r, rng: r.update(price={"amount": rng.choice([-5, None, "5", float("nan")])}),
     lambda r, rng: r.update(id=rng.choice(["", "  ", None, [1]])),
     lambda r, rng: r.pop(rng.choice(["id", "year", "price", "mileage"])),
+    lambda r, rng: r.update(engine_cc=10**30),
+    lambda r, rng: r.update(images=[" b\x00 "]),
 ]
 ODDITIES: list[Callable[[Record, random.Random], None]] = [
     lambda r, rng: r.update(lot_number=rng.choice([123, 1.5, None, True, {"a": 1}])),
-    lambda r, rng: r.update(images=rng.choice([None, "x", [1, " a "], [], [" b\x00 "]])),
-    lambda r, rng: r.update(engine_cc=rng.choice(["2999", 2999.0, 2999.5, None, 10**30])),
+    lambda r, rng: r.update(images=rng.choice([None, "x", [1, " a "], [], [" b "]])),
+    lambda r, rng: r.update(engine_cc=rng.choice(["2999", 2999.0, 2999.5, None, 2**31 - 1])),
     lambda r, rng: r.update(mileage={"value": rng.random() * 1000, "unit": "mi"}),
     lambda r, rng: r.update(price={"amount": rng.random() * 1000, "currency": None}),
     lambda r, rng: r.update(year=str(rng.randrange(1950, 2027))),
@@ -643,7 +657,8 @@ def test_large_mixed_batch_keeps_every_record() -> None:
         .sort("raw")
         .equals(in_batch.rejected.sort("raw"))
     )
-    assert batch.rejected["reason"].str.contains(r"^(record|id|year|mileage|price): ").all()
+    reasons = r"^(record|id|year|mileage|price|engine_cc|images): "
+    assert batch.rejected["reason"].str.contains(reasons).all()
 
 
 def test_batch_is_frozen() -> None:
@@ -651,3 +666,187 @@ def test_batch_is_frozen() -> None:
     with pytest.raises(AttributeError):
         batch.cars = pl.DataFrame()  # type: ignore[misc]
     assert isinstance(batch, Batch)
+
+
+# --- pathological values, parsed from JSON text as the landing hands them over -----------------
+
+BIG = 2**70  # 1180591620717411303424: beyond 64 bits, and not a double
+
+
+def page_text(*records: bytes) -> bytes:
+    return b'{"data":[' + b",".join(records) + b'],"meta":{"last_page":1,"total":1}}'
+
+
+def json_text(record: object) -> bytes:
+    return json.dumps(record).encode()
+
+
+def parsed(*records: object) -> list[Any]:
+    """Records through the real parser: JSON text in, what page_records makes of it out."""
+    texts = [record if isinstance(record, bytes) else json_text(record) for record in records]
+    return page_records(page_text(*texts))
+
+
+def reasons_by_id(batch: Batch) -> dict[str | None, str]:
+    return dict(zip(batch.rejected["id"], batch.rejected["reason"], strict=True))
+
+
+@pytest.mark.parametrize(
+    "value", [2**63 - 1, 2**63, 2**64 - 1, 2**64, BIG, -(2**63) - 1, -BIG, 10**4300 - 1]
+)
+def test_parse_json_keeps_every_integer_exact(value: int) -> None:
+    parsed_value = parse_json(str(value).encode())
+    assert type(parsed_value) is int and parsed_value == value
+
+
+def test_parse_json_keeps_an_integer_of_more_digits_than_int_takes_as_a_decimal() -> None:
+    text = "-" + "7" * 5000
+    assert parse_json(f"[{text}, NaN, 0.1]".encode())[0] == Decimal(text)
+
+
+def test_huge_integers_are_stored_exactly_or_rejected() -> None:
+    price = {"amount": BIG, "currency": "KRW"}
+    batch = normalise(
+        parsed(
+            with_changes(id="price", price=price),
+            with_changes(id="price-2^64", price={"amount": 2**64, "currency": "KRW"}),
+            with_changes(id="lot", lot_number=BIG, extra=[2**100, -(2**100)]),
+            with_changes(id=BIG),
+            with_changes(id="km", mileage={"value": BIG, "unit": "km"}),
+            with_changes(id="int32-km", mileage={"value": 2**31, "unit": "km"}),
+            with_changes(id="mi", mileage={"value": BIG, "unit": "mi"}),
+            with_changes(id="year", year=BIG),
+            with_changes(id="negative-year", year=-BIG),
+            with_changes(id="engine", engine_cc=BIG),
+            with_changes(id="negative-price", price={"amount": -BIG, "currency": "KRW"}),
+        ),
+        this_year=YEAR,
+    )
+    cars = {car["id"]: car for car in batch.cars.to_dicts()}
+    assert cars["price"]["price"] == "1180591620717411303424"
+    assert cars["price-2^64"]["price"] == "18446744073709551616"
+    assert cars["lot"]["lot_number"] == "1180591620717411303424"
+    assert set(cars) == {"price", "price-2^64", "lot", "1180591620717411303424"}
+    assert reasons_by_id(batch) == {
+        "km": f"mileage: value {BIG} is too large",
+        "int32-km": f"mileage: value {2**31} is too large",
+        "mi": f"mileage: value {BIG} is too large",
+        "year": f"year: {BIG} is outside 1950..2027",
+        "negative-year": f"year: {-BIG} is outside 1950..2027",
+        "engine": f"engine_cc: {BIG} is outside the integer range",
+        "negative-price": f"price: amount {-BIG} is negative",
+    }
+    raws = {row["id"]: json.loads(row["raw"]) for row in batch.rejected.to_dicts()}
+    assert raws["mi"]["mileage"]["value"] == BIG, "raw holds the number as given"
+    assert raws["negative-year"]["year"] == -BIG and raws["engine"]["engine_cc"] == BIG
+
+
+def test_an_integer_of_more_digits_than_int_takes_costs_only_its_record() -> None:
+    digits = "1" + "0" * 5000
+    records = [
+        json_text(with_changes(id=name, **{field: "HUGE"})).replace(b'"HUGE"', digits.encode())
+        for name, field in [("year", "year"), ("lot", "lot_number"), ("extra", "extra")]
+    ]
+    price = json_text(with_changes(id="price", price={"amount": "HUGE", "currency": "KRW"}))
+    records.append(price.replace(b'"HUGE"', digits.encode()))
+    batch = normalise(parsed(*records, clean_record()), this_year=YEAR)
+    assert batch.cars["id"].to_list() == ["extra", "KA001000040"]
+    reasons = reasons_by_id(batch)
+    assert reasons.keys() == {"year", "lot", "price"}
+    assert reasons["year"].startswith("year: 10000") and reasons["year"].endswith("2027")
+    assert (
+        reasons["lot"].startswith("lot_number: 10000")
+        and "longer than 1000 bytes" in reasons["lot"]
+    )
+    assert reasons["price"].startswith("price: amount 10000") and reasons["price"].endswith(
+        "... is too large"
+    )
+    price_row = batch.rejected.filter(pl.col("id") == "price").row(0, named=True)
+    assert json.loads(price_row["raw"])["price"]["amount"] == digits  # its digits, as text
+
+
+def test_a_5mb_string_costs_only_its_record() -> None:
+    huge = "x" * 5_000_000
+    batch = normalise(
+        parsed(
+            with_changes(id="location", location=huge),
+            with_changes(id="model", model={"id": 1, "name": huge}),
+            with_changes(id="images", images=[huge]),
+            with_changes(id=huge),
+            with_changes(id="extra", extra=huge, **{huge: 1}),  # not stored: kept
+            with_changes(id="white-space", vin=" " * 5_000_000),  # cleans to nothing
+            "x" * 5_000_000,
+        ),
+        this_year=YEAR,
+    )
+    assert batch.cars["id"].to_list() == ["extra", "white-space"]
+    assert batch.cars["vin"].to_list() == ["TH0X5M5H6NB6WGLRB", None]
+    rows = batch.rejected.to_dicts()
+    assert sorted((row["id"] or "", row["reason"]) for row in rows) == [
+        ("", f"id: {quote(huge)} is longer than 1000 bytes"),  # too long for the index
+        ("", f"record: {quote(huge)} is a string, not an object"),
+        ("images", f"images: {quote([huge])} is longer than 100000 bytes"),
+        ("location", f"location: {quote(huge)} is longer than 1000 bytes"),
+        ("model", f"model: {quote(huge)} is longer than 1000 bytes"),
+    ]
+    assert all(len(row["raw"]) > 5_000_000 for row in rows), "raw keeps every value whole"
+
+
+def test_nul_in_stored_text_costs_only_its_record() -> None:
+    batch = normalise(
+        parsed(
+            with_changes(id="model", model={"id": 1, "name": "Q\x007"}),
+            with_changes(id="images", images=["a", "b\x00"]),
+            with_changes(id="currency", price={"amount": 5, "currency": "KR\x00W"}),
+            with_changes(id="K\x00A"),
+            with_changes(id="extra", extra="\x00", **{"ke\x00y": ["\x00"]}),  # not stored: kept
+        ),
+        this_year=YEAR,
+    )
+    assert batch.cars["id"].to_list() == ["extra"]
+    assert reasons_by_id(batch) == {
+        "model": "model: 'Q\\x007' holds a NUL character",
+        "images": "images: ['a', 'b\\x00'] holds a NUL character",
+        "currency": "currency: 'KR\\x00W' holds a NUL character",
+        "K\ufffdA": "id: 'K\\x00A' holds a NUL character",
+    }
+    raw = batch.rejected.filter(pl.col("id") == "model").row(0, named=True)["raw"]
+    assert json.loads(raw)["model"]["name"] == "Q\ufffd7"
+
+
+@pytest.mark.parametrize("depth", [500, 800])
+def test_nesting_deep_costs_only_its_record(depth: int) -> None:
+    nested = nested_lists(depth)
+    batch = normalise(
+        parsed(
+            with_changes(id="bad", year="x", extra=nested),
+            with_changes(id="extra", extra=nested),
+            with_changes(id="images", images=nested, model={"name": nested}),
+            nested,
+        ),
+        this_year=YEAR,
+    )
+    assert batch.cars["id"].to_list() == ["extra", "images"]
+    assert batch.cars["images"].to_list() == ['["https://img.example/KA001000040/0.jpg"]', "[]"]
+    assert batch.cars["model"].to_list() == ["Q7", None]
+    reasons = reasons_by_id(batch)
+    assert reasons["bad"] == "year: 'x' is not an integer"
+    assert reasons[None].startswith("record: [[[[") and reasons[None].endswith(
+        "is an array, not an object"
+    )
+    bad = batch.rejected.filter(pl.col("id") == "bad").row(0, named=True)
+    assert json.loads(bad["raw"])["extra"] == nested
+
+
+def test_a_page_nested_deeper_than_the_parser_goes_is_a_bad_body_not_a_crash() -> None:
+    body = page_text(json_text(clean_record()), b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(RetryableApiError, match="nests deeper") as raised:
+        check_page(1, body, 0.0)
+    assert raised.value.kind == "bad_body"
+
+
+def test_a_non_utf8_record_keeps_an_id_cars_rejected_can_hold() -> None:
+    nul = b'{"id": "K\\u0000A", "color": "Bl\xffue"}'
+    long = b'{"id": "' + b"x" * 2000 + b'", "color": "Bl\xffue"}'
+    batch = normalise(page_records(page_text(nul, long)), this_year=YEAR)
+    assert sorted(batch.rejected["id"].to_list(), key=str) == ["K\ufffdA", None]

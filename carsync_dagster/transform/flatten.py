@@ -17,6 +17,12 @@ import polars as pl
 # Integers beyond this are clamped to it: still out of every allowed range, but safe to
 # multiply by 1,609,344 in Int64.
 BEYOND_RANGE = 2**40
+# A price beyond this is rejected as too large: numeric holds it, but not its btree index.
+PRICE_LIMIT = 10**1000
+# Longer stored text is rejected: a btree index entry takes at most 2704 bytes (id, and
+# manufacturer with model, are indexed), and no real listing comes near.
+MAX_TEXT_BYTES = 1000
+MAX_IMAGES_BYTES = 100_000  # the images column's JSON text
 MILE_IN_KM = Decimal("1.609344")
 
 _NONE = type(None)
@@ -157,7 +163,7 @@ def as_text(value: object) -> str | None:
     """A string as it is, a number as its JSON text, anything else None."""
     if type(value) is str:
         return value
-    if type(value) is int:
+    if type(value) is int or type(value) is Decimal:
         return str(value)
     if type(value) is float and math.isfinite(value):
         return repr(value)
@@ -168,9 +174,12 @@ def as_integer(value: object) -> int | None:
     """An integer given as an int, a float holding an integer, or a string of digits.
 
     Clamped to ±BEYOND_RANGE, so it fits Int64 and a huge value still fails every range check.
+    A Decimal is an integer of more digits than an int takes (source.client.parse_json).
     """
     if type(value) is int:
         return _clamp(value)
+    if type(value) is Decimal:
+        return BEYOND_RANGE if value > 0 else -BEYOND_RANGE
     if type(value) is float:
         return _clamp(int(value)) if value.is_integer() else None
     if type(value) is str:
@@ -184,16 +193,19 @@ def as_integer(value: object) -> int | None:
     return None
 
 
-def as_number(value: object) -> int | float | None:
+def as_number(value: object) -> int | float | Decimal | None:
     """A JSON number (not a boolean, not nan or infinite), else None."""
-    if type(value) is int or (type(value) is float and math.isfinite(value)):
+    if type(value) is int or type(value) is Decimal:
+        return value
+    if type(value) is float and math.isfinite(value):
         return value
     return None
 
 
 def as_price_text(value: object) -> str | None:
+    """The number as given, for numeric: None if it is not a number, negative or too large."""
     number = as_number(value)
-    return None if number is None or number < 0 else as_text(number)
+    return None if number is None or not 0 <= number < PRICE_LIMIT else as_text(number)
 
 
 def as_kilometres(value: object) -> tuple[int | None, int | None]:
@@ -204,7 +216,7 @@ def as_kilometres(value: object) -> tuple[int | None, int | None]:
         return BEYOND_RANGE, BEYOND_RANGE
     if type(number) is int:
         return number, (number * 1_609_344 + 500_000) // 1_000_000
-    exact = Decimal(repr(number))  # the value as given in the JSON text
+    exact = Decimal(str(number))  # the value as given in the JSON text
     return _round(exact), _round(exact * MILE_IN_KM)
 
 

@@ -6,13 +6,28 @@ Only rejected records come here, so plain per-record Python is fine.
 import hashlib
 import json
 import math
+from decimal import Decimal
 from typing import Any
 
 import orjson
 
-from carsync_dagster.transform.flatten import as_integer, as_number, as_text, valid_unicode
+from carsync_dagster.transform.flatten import (
+    MAX_IMAGES_BYTES,
+    MAX_TEXT_BYTES,
+    as_integer,
+    as_number,
+    as_text,
+    valid_unicode,
+)
 
 _MISSING = object()
+# Where a stored text column comes from when not from the field of its name.
+_TEXT_SOURCE = {
+    "manufacturer": ("manufacturer", "name"),
+    "model": ("model", "name"),
+    "generation": ("generation", "name"),
+    "currency": ("price", "currency"),
+}
 _QUOTE_LIMIT = 80
 # Non-finite floats have no JSON form (orjson would write null); keep them readable instead.
 _NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
@@ -38,12 +53,18 @@ def undecodable(raw: bytes) -> tuple[str | None, str, str, str, str]:
     text = raw.decode(errors="replace")
     try:
         record = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         record = text
     car_id = as_text(record.get("id")) if type(record) is dict else None
     stored, _ = raw_json(record)
     reason = f"record: not valid UTF-8{where}"
-    return car_id, hashlib.sha256(raw).hexdigest(), reason, stored, "\\x" + raw.hex()
+    return _stored_id(car_id), hashlib.sha256(raw).hexdigest(), reason, stored, "\\x" + raw.hex()
+
+
+def _stored_id(car_id: str | None) -> str | None:
+    """The id as cars_rejected can hold it: NUL as U+FFFD, and None when too long to index."""
+    text = None if car_id is None else _storable_text(car_id)
+    return text if text is not None and len(text.encode()) <= MAX_TEXT_BYTES else None
 
 
 def _canonical_json(value: object) -> str:
@@ -57,17 +78,25 @@ def _storable(value: object) -> object:
     """The value with NUL in strings (keys too) as U+FFFD, since jsonb rejects \\u0000.
 
     Lone surrogates (which only the stdlib parser lets through) become U+FFFD too: they have
-    no UTF-8 form.
+    no UTF-8 form. An integer of more digits than an int takes (a Decimal) is kept as the
+    string of its digits.
     """
     if type(value) is str:
-        return valid_unicode(value.replace("\x00", "\ufffd"))
+        return _storable_text(value)
     if type(value) is dict:
-        return {_storable(key): _storable(item) for key, item in value.items()}
+        # map, not comprehensions (a frame each): one frame a level, as deep as the parsers go
+        return dict(zip(map(_storable, value), map(_storable, value.values()), strict=True))
     if type(value) is list:
-        return [_storable(item) for item in value]
+        return list(map(_storable, value))
     if type(value) is float and not math.isfinite(value):
         return _NON_FINITE.get(value, "NaN")
+    if type(value) is Decimal:
+        return str(value)
     return value
+
+
+def _storable_text(text: str) -> str:
+    return valid_unicode(text.replace("\x00", "\ufffd"))
 
 
 def quote(value: object) -> str:
@@ -75,7 +104,7 @@ def quote(value: object) -> str:
     if value is None:
         return "null"
     try:
-        text = repr(value)
+        text = str(value) if type(value) is Decimal else repr(value)
     except RecursionError:
         text = f"<deeply nested {type(value).__name__}>"
     return text if len(text) <= _QUOTE_LIMIT else text[: _QUOTE_LIMIT - 3] + "..."
@@ -97,6 +126,15 @@ def reason(rule: str, record: dict[str, Any], this_year: int) -> str:
         return _number_reason("mileage: value", _nested(record, "mileage", "value"))
     if rule == "price":
         return _number_reason("price: amount", _nested(record, "price", "amount"))
+    if rule == "engine_cc":
+        return f"engine_cc: {quote(record.get('engine_cc'))} is outside the integer range"
+    if rule.startswith(("nul:", "long:")):
+        fault, name = rule.split(":")
+        value = _nested(record, *_TEXT_SOURCE[name]) if name in _TEXT_SOURCE else record.get(name)
+        if fault == "nul":
+            return f"{name}: {quote(value)} holds a NUL character"
+        limit = MAX_IMAGES_BYTES if name == "images" else MAX_TEXT_BYTES
+        return f"{name}: {quote(value)} is longer than {limit} bytes"
     unit = _nested(record, "mileage", "unit")
     if unit is _MISSING:
         return "mileage: unit missing"
