@@ -307,11 +307,16 @@ def status(
     from carsync_dagster.orchestration.lifecycle import full_range
     from carsync_dagster.orchestration.status import next_ticks
 
-    with open_database(settings) as url:
-        with psycopg.connect(url) as conn:
-            rows = syncs.recent_syncs(conn, settings.schema_name)
-        with open_instance(settings, url) as instance:
-            ranges, failed = len(full_range(instance)), failed_partitions(instance)
+    try:
+        with open_database(settings) as url:
+            with psycopg.connect(url) as conn:
+                rows = syncs.recent_syncs(conn, settings.schema_name)
+            with open_instance(settings, url) as instance:
+                ranges, failed = len(full_range(instance)), failed_partitions(instance)
+    except psycopg.OperationalError as error:
+        message = redact(_first_line(error), settings.secrets())
+        err.print(f"carsync: cannot read the warehouse: {message}", markup=False)
+        raise typer.Exit(1) from None
     scheduled = next_ticks(settings)
     if json_output:
         report = {
