@@ -219,13 +219,17 @@ def _nested(depth: int) -> list[Any]:
 
 def test_pathological_values_cost_only_their_records(database_url: str, tmp_path: Path) -> None:
     """Through the real HTTP path into real PostgreSQL: a huge integer is stored exactly or
-    rejected, never changed; a bad value costs its record only, every good one is merged."""
-    valid = {
+    rejected, never changed; text of any length is stored whole, but where it is indexed; NUL
+    is stored as U+FFFD; a bad value costs its record only, every good one is merged."""
+    valid = {  # by the id stored
         "price-big": _car("price-big", price={"amount": BIG, "currency": "KRW"}),
         "lot-big": _car("lot-big", lot_number=BIG, extra=[2**100, -(2**100)]),
         "extra-5mb": _car("extra-5mb", extra=FIVE_MB),
+        "location-5mb": _car("location-5mb", location=FIVE_MB),
         "extra-deep": _car("extra-deep", extra=_nested(500)),
         "extra-nul": _car("extra-nul", extra="\x00", **{"ke\x00y": 1}),
+        "model-nul": _car("model-nul", model={"name": "Q\x007"}),
+        "id-\ufffd": _car("id-\x00"),
     }
     bad = {
         "mileage-big": (
@@ -235,8 +239,7 @@ def test_pathological_values_cost_only_their_records(database_url: str, tmp_path
         "year-big": (_car("year-big", year=BIG), f"year: {BIG} is outside 1950.."),
         "engine-big": (_car("engine-big", engine_cc=BIG), f"engine_cc: {BIG} is outside"),
         "price-digits": (_car("price-digits", price={"amount": "DIGITS"}), "price: amount 1000"),
-        "location-5mb": (_car("location-5mb", location=FIVE_MB), "location: 'xxx"),
-        "model-nul": (_car("model-nul", model={"name": "Q\x007"}), "model: 'Q\\x007' holds a NUL"),
+        "model-5mb": (_car("model-5mb", model={"name": FIVE_MB}), "model: 'xxx"),  # indexed
         "deep": (_car("deep", year="x", extra=_nested(500)), "year: 'x' is not an integer"),
     }
     texts = [json.dumps(_car(f"KA{n:09d}")).encode() for n in range(20)]
@@ -259,12 +262,17 @@ def test_pathological_values_cost_only_their_records(database_url: str, tmp_path
             conn.execute("SELECT id, price::text FROM carsync.cars").fetchall()
         )
         lot = conn.execute("SELECT lot_number FROM carsync.cars WHERE id = 'lot-big'").fetchone()
+        location = conn.execute(
+            "SELECT location FROM carsync.cars WHERE id = 'location-5mb'"
+        ).fetchone()
+        model = conn.execute("SELECT model FROM carsync.cars WHERE id = 'model-nul'").fetchone()
         rejected = conn.execute(
             "SELECT id, reason, raw FROM carsync.cars_rejected WHERE resolved_at IS NULL"
         ).fetchall()
     assert set(cars) == {f"KA{n:09d}" for n in range(20)} | set(valid)
     assert cars["price-big"] == "1180591620717411303424"
     assert lot == ("1180591620717411303424",)
+    assert location == (FIVE_MB,) and model == ("Q\ufffd7",)
     reasons = {car_id: reason for car_id, reason, _ in rejected if car_id is not None}
     assert reasons.keys() == bad.keys()
     for car_id, (_, start) in bad.items():
@@ -272,9 +280,10 @@ def test_pathological_values_cost_only_their_records(database_url: str, tmp_path
     raws = {car_id: raw for car_id, _, raw in rejected}
     assert raws["mileage-big"]["mileage"]["value"] == BIG  # jsonb keeps it exact
     assert raws["price-digits"]["price"]["amount"] == DIGITS
-    assert raws["location-5mb"]["location"] == FIVE_MB
-    assert raws["model-nul"]["model"]["name"] == "Q\ufffd7"
+    assert raws["model-5mb"]["model"]["name"] == FIVE_MB
     assert raws["deep"]["extra"] == _nested(500)
     no_id = sorted(reason.split(":")[0] for car_id, reason, _ in rejected if car_id is None)
     assert no_id == ["id", "record", "record", "record", "record"]
+    [(id_reason, id_raw)] = [(r, raw) for car_id, r, raw in rejected if r.startswith("id:")]
+    assert id_reason.endswith("is longer than 1000 bytes") and id_raw["id"] == FIVE_MB
     assert summary["rejected"] == len(bad) + len(without_id), summary

@@ -19,10 +19,10 @@ import polars as pl
 BEYOND_RANGE = 2**40
 # A price beyond this is rejected as too large: numeric holds it, but not its btree index.
 PRICE_LIMIT = 10**1000
-# Longer stored text is rejected: a btree index entry takes at most 2704 bytes (id, and
-# manufacturer with model, are indexed), and no real listing comes near.
-MAX_TEXT_BYTES = 1000
-MAX_IMAGES_BYTES = 100_000  # the images column's JSON text
+# Longer text in an indexed column (id; manufacturer with model) is rejected: btree entries
+# must fit in a page (2704 bytes an entry), and no real listing comes near. Other text is
+# stored whatever its length.
+MAX_INDEXED_BYTES = 1000
 MILE_IN_KM = Decimal("1.609344")
 
 _NONE = type(None)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import polars as pl
 import polars_hash as plh
 
-from carsync_dagster.transform.flatten import MAX_IMAGES_BYTES, MAX_TEXT_BYTES, flatten
+from carsync_dagster.transform.flatten import MAX_INDEXED_BYTES, flatten
 from carsync_dagster.transform.rejects import not_an_object_reason, raw_json, reason, undecodable
 
 CARS_SCHEMA: dict[str, pl.DataType] = {
@@ -86,8 +86,8 @@ _PLAIN_TEXT = (
     "color",
     "location",
 )
-# The text columns of cars, images aside: none may hold NUL, nor more than MAX_TEXT_BYTES.
-_STORED_TEXT = (*_PLAIN_TEXT, "manufacturer", "currency", "status")
+# The text columns of cars in a btree index (the primary key, cars_active_maker_model).
+_INDEXED_TEXT = ("id", "manufacturer", "model")
 _MAKER_SEPARATORS = r"[\s-]+"  # "-" and white space are alike when matching makers
 _RFC3339 = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
@@ -111,7 +111,6 @@ def normalise(records: Sequence[object], *, this_year: int) -> Batch:
         flatten(objects)
         .lazy()
         .with_row_index("position")
-        .with_columns(_first_holding_nul().alias("nul"))  # before cleaning makes NUL U+FFFD
         .with_columns(_cleaned())
         .with_columns(_kilometres().alias("mileage_km"), _first_too_long().alias("too_long"))
         .with_columns(_first_failed_rule(this_year).alias("rule"))
@@ -124,7 +123,7 @@ def normalise(records: Sequence[object], *, this_year: int) -> Batch:
 
     rejected: dict[tuple[str | None, str], Rejected] = {}
     # An id too long for cars_rejected's index is left out: the raw record holds it.
-    indexable_id = pl.when(pl.col("id").str.len_bytes() <= MAX_TEXT_BYTES).then(pl.col("id"))
+    indexable_id = pl.when(pl.col("id").str.len_bytes() <= MAX_INDEXED_BYTES).then(pl.col("id"))
     failures = checked.filter(pl.col("rule").is_not_null()).select("position", indexable_id, "rule")
     for position, car_id, rule in failures.iter_rows():
         record = objects[position]
@@ -193,33 +192,20 @@ def _first_failed_rule(this_year: int) -> pl.Expr:
         .then(pl.lit("unit"))
         .when(~pl.col("engine_cc").is_between(-INT32_MAX - 1, INT32_MAX).fill_null(True))
         .then(pl.lit("engine_cc"))
-        .when(pl.col("nul").is_not_null())
-        .then(pl.concat_str(pl.lit("nul:"), pl.col("nul")))
         .when(pl.col("too_long").is_not_null())
         .then(pl.concat_str(pl.lit("long:"), pl.col("too_long")))
         .otherwise(None)
     )
 
 
-def _first_holding_nul() -> pl.Expr:
-    """The first stored text column holding NUL, which PostgreSQL's text and jsonb refuse."""
-    images = pl.col("images").list.eval(pl.element().str.contains("\x00", literal=True))
-    return pl.coalesce(
-        *(_named(name, pl.col(name).str.contains("\x00", literal=True)) for name in _STORED_TEXT),
-        _named("images", images.list.any()),
-    )
-
-
 def _first_too_long() -> pl.Expr:
-    """The first stored text column, as cleaned, of more than its limit of UTF-8 bytes."""
-    return pl.coalesce(
-        *(_named(name, pl.col(name).str.len_bytes() > MAX_TEXT_BYTES) for name in _STORED_TEXT),
-        _named("images", pl.col("images").str.len_bytes() > MAX_IMAGES_BYTES),
+    """The first indexed text column, as cleaned, of more than MAX_INDEXED_BYTES of UTF-8:
+    PostgreSQL could not index it, and the whole merge would fail."""
+    too_long = (
+        pl.when(pl.col(name).str.len_bytes() > MAX_INDEXED_BYTES).then(pl.lit(name))
+        for name in _INDEXED_TEXT
     )
-
-
-def _named(name: str, holds: pl.Expr) -> pl.Expr:
-    return pl.when(holds).then(pl.lit(name))
+    return pl.coalesce(*too_long)
 
 
 def _clean(text: pl.Expr) -> pl.Expr:

@@ -12,8 +12,7 @@ from typing import Any
 import orjson
 
 from carsync_dagster.transform.flatten import (
-    MAX_IMAGES_BYTES,
-    MAX_TEXT_BYTES,
+    MAX_INDEXED_BYTES,
     as_integer,
     as_number,
     as_text,
@@ -21,13 +20,6 @@ from carsync_dagster.transform.flatten import (
 )
 
 _MISSING = object()
-# Where a stored text column comes from when not from the field of its name.
-_TEXT_SOURCE = {
-    "manufacturer": ("manufacturer", "name"),
-    "model": ("model", "name"),
-    "generation": ("generation", "name"),
-    "currency": ("price", "currency"),
-}
 _QUOTE_LIMIT = 80
 # Non-finite floats have no JSON form (orjson would write null); keep them readable instead.
 _NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
@@ -64,7 +56,7 @@ def undecodable(raw: bytes) -> tuple[str | None, str, str, str, str]:
 def _stored_id(car_id: str | None) -> str | None:
     """The id as cars_rejected can hold it: NUL as U+FFFD, and None when too long to index."""
     text = None if car_id is None else _storable_text(car_id)
-    return text if text is not None and len(text.encode()) <= MAX_TEXT_BYTES else None
+    return text if text is not None and len(text.encode()) <= MAX_INDEXED_BYTES else None
 
 
 def _canonical_json(value: object) -> str:
@@ -128,13 +120,10 @@ def reason(rule: str, record: dict[str, Any], this_year: int) -> str:
         return _number_reason("price: amount", _nested(record, "price", "amount"))
     if rule == "engine_cc":
         return f"engine_cc: {quote(record.get('engine_cc'))} is outside the integer range"
-    if rule.startswith(("nul:", "long:")):
-        fault, name = rule.split(":")
-        value = _nested(record, *_TEXT_SOURCE[name]) if name in _TEXT_SOURCE else record.get(name)
-        if fault == "nul":
-            return f"{name}: {quote(value)} holds a NUL character"
-        limit = MAX_IMAGES_BYTES if name == "images" else MAX_TEXT_BYTES
-        return f"{name}: {quote(value)} is longer than {limit} bytes"
+    if rule.startswith("long:"):  # id, manufacturer or model: too long to index
+        name = rule.removeprefix("long:")
+        value = record.get("id") if name == "id" else _nested(record, name, "name")
+        return f"{name}: {quote(value)} is longer than {MAX_INDEXED_BYTES} bytes"
     unit = _nested(record, "mileage", "unit")
     if unit is _MISSING:
         return "mileage: unit missing"
