@@ -146,7 +146,9 @@ def test_a_sync_leaves_no_secret_anywhere(secret_database: SecretDatabase, tmp_p
     (line,) = [
         line for line in results["a 400 before the run"].stderr.splitlines() if "400" in line
     ]
-    assert line.startswith("carsync: /cars: HTTP 400 from the API: refused /cars?page=1&"), line
+    assert line.startswith(
+        "carsync: page 1: /cars: HTTP 400 from the API: refused /cars?page=1&"
+    ), line
     assert line.count("***") >= 3, line
     errors = _last_errors(secret_database.admin_url)
     assert len(errors) == 4 and errors[0] is None, errors
@@ -190,7 +192,9 @@ def test_the_client_takes_the_key_out_of_what_a_server_says() -> None:
         with pytest.raises(ApiConfigError) as raised:
             asyncio.run(fetch())
     message = str(raised.value)
-    assert message.startswith(f"/cars: HTTP 400 from the API: refused /cars?page={ECHO_PAGE}")
+    assert message.startswith(
+        f"page {ECHO_PAGE}: /cars: HTTP 400 from the API: refused /cars?page="
+    )
     assert "\n" not in message and message.count("***") >= 3, message
     assert scan({"API key": key}, texts={"message": message}) == []
     assert scan({"API key": key[:-6]}, texts={"message": message}) == [], "no piece of it"

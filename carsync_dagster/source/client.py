@@ -306,6 +306,9 @@ class ListingsClient:
                 self.stats.retries += 1
                 await asyncio.sleep(self._backoff(attempts, error.retry_after, error.kind))
                 continue
+            except (ApiAuthError, ApiConfigError) as error:
+                self.breaker.release(probe)
+                raise type(error)(f"{what}: {error}") from None  # which request, too
             except BaseException:
                 self.breaker.release(probe)
                 raise
@@ -421,7 +424,8 @@ class ListingsClient:
         if status == 400:
             self.stats.count("config")
             raise ApiConfigError(
-                f"{path}: HTTP 400 from the API: {_error_text(body, self._redact)}"
+                f"{path}: HTTP 400 from the API: {_error_text(body, self._redact)} (check the"
+                " settings that shape requests, such as CARSYNC_PAGE_SIZE)"
             )
         if status == 429:
             raise RetryableApiError(
