@@ -537,7 +537,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=SOAK_PLOT, help="the soak's PSS curve")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
-    print(f"chaos seed {args.seed} (--seed to change), {args.cars:,} cars", flush=True)
+    print(
+        f"chaos seed {args.seed} (--seed to change), {args.cars:,} cars, the soak"
+        f" {args.soak_cars or SOAK_CARS:,}",
+        flush=True,
+    )
     names = args.only or [*SCENARIOS, *(["soak"] if args.soak_cars else [])]
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="carsync-chaos-") as workdir:
