@@ -537,9 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=SOAK_PLOT, help="the soak's PSS curve")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
+    soak_size = f"{args.soak_cars:,} cars" if args.soak_cars else "not run"
     print(
-        f"chaos seed {args.seed} (--seed to change), {args.cars:,} cars, the soak"
-        f" {args.soak_cars or SOAK_CARS:,}",
+        f"chaos seed {args.seed} (--seed to change), {args.cars:,} cars, soak {soak_size}",
         flush=True,
     )
     names = args.only or [*SCENARIOS, *(["soak"] if args.soak_cars else [])]
