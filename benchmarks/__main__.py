@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,15 +27,11 @@ import psutil
 import psycopg
 from psycopg import sql
 
+from benchmarks.common import HOSTILE, PEERS, peers_python
 from carsync_dagster.simulator.process import RunningSimulator, start_simulator
 from carsync_dagster.warehouse.embedded import embedded_database_url, start_embedded_postgres
 
 RESULTS = Path(__file__).parent / "results"
-PEERS = Path(__file__).parent / "peers"
-# dlt and matplotlib live in a virtualenv of their own: neither is a dependency of carsync.
-# Pinned so that figures compare across runs; the virtualenv is rebuilt when this list changes.
-PEERS_VENV = Path(__file__).parent / ".peers-venv"
-PEERS_REQUIREMENTS = ("dlt[postgres]==1.31.0", "matplotlib==3.11.2")
 MILLION = 1_000_000
 RUN_NAMES = ("full_sync", "unchanged_resync", "incremental_1pct", "hostile_sync")
 PEER_RUNS = ("full_sync", "unchanged_resync")  # the kinds of run the peers do too
@@ -142,33 +136,6 @@ def run_measured(command: list[str], env: dict[str, str], cwd: Path) -> dict[str
     return {"seconds": wall, "wall_seconds": wall, "peak_pss_mb": round(peak / 2**20, 1), **summary}
 
 
-def peers_python() -> Path:
-    """The python of the peers' virtualenv, made (once per requirement list) when missing."""
-    python = PEERS_VENV / "bin" / "python"
-    stamp = PEERS_VENV / "requirements.txt"
-    wanted = "\n".join(PEERS_REQUIREMENTS) + "\n"
-    with open(f"{PEERS_VENV}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two benchmarks started at once build it once
-        if python.exists() and stamp.exists() and stamp.read_text() == wanted:
-            return python
-        print(f"installing {', '.join(PEERS_REQUIREMENTS)} into {PEERS_VENV}", file=sys.stderr)
-        shutil.rmtree(PEERS_VENV, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
-        pip = [str(PEERS_VENV / "bin" / "pip"), "install", "-q", *PEERS_REQUIREMENTS]
-        installed = subprocess.run(pip, capture_output=True, text=True, check=False)
-        for line in (installed.stdout + installed.stderr).splitlines():
-            if "is ignored" not in line:  # the local package index warns per folder it lacks
-                print(line, file=sys.stderr)
-        if installed.returncode != 0:
-            raise SystemExit(f"pip install into {PEERS_VENV} failed")
-        stamp.write_text(wanted)
-    return python
-
-
-HOSTILE = (
-    "--error-rate", "0.05", "--overload-429", "0.05", "--truncate-rate", "0.01",
-    "--html-rate", "0.01", "--hang-rate", "0.01", "--hang-seconds", "30",
-)  # fmt: skip
 LIMIT_RPS = 30
 
 
@@ -335,7 +302,16 @@ def server_limited(bench: Bench, seconds: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chaos"]:  # `python -m benchmarks chaos`: benchmarks/chaos.py
+        from benchmarks.chaos import main as chaos
+
+        return chaos(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        epilog="python -m benchmarks chaos --help: the chaos scenarios (benchmarks/chaos.py)",
+    )
     parser.add_argument("--cars", type=int, default=200_000)
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
     parser.add_argument("--limit-seconds", type=float, default=25.0)

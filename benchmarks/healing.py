@@ -31,13 +31,10 @@ import psutil
 import psycopg
 from psycopg import sql
 
+from benchmarks.common import HOSTILE
 from carsync_dagster.simulator.process import RunningSimulator, start_simulator
 from carsync_dagster_tests.warehouse_truth import differences
 
-HOSTILE = [
-    "--error-rate", "0.05", "--overload-429", "0.05", "--truncate-rate", "0.01",
-    "--html-rate", "0.01", "--hang-rate", "0.01", "--hang-seconds", "30",
-]  # fmt: skip
 HEAL_WITHIN = 240.0
 
 
@@ -118,11 +115,7 @@ class Run:
 
     def wrong(self, strict: bool = True) -> int:
         """Rows that differ from the source (missing, extra active, wrong field, inactive)."""
-        total = 0
-        for problem in differences(self.sim.control.truth(), self.database_url, strict=strict):
-            head = problem.split(" ", 1)[0]
-            total += int(head) if head.isdigit() else 1
-        return total
+        return rows_wrong(differences(self.sim.control.truth(), self.database_url, strict=strict))
 
     def query(self, statement: str) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.database_url) as conn:
@@ -135,6 +128,15 @@ class Run:
         """Partitions (listing or page ranges) landed since then (a time.time())."""
         manifests = (self.folder / "data" / "landing").glob("*.json")
         return sum(1 for path in manifests if path.stat().st_mtime > since)
+
+
+def rows_wrong(problems: list[str]) -> int:
+    """The rows `differences` found wrong ("5 cars missing, e.g. ..." is five)."""
+    total = 0
+    for problem in problems:
+        head = problem.split(" ", 1)[0]
+        total += int(head) if head.isdigit() else 1
+    return total
 
 
 _FIGURES = (

@@ -4,6 +4,8 @@ Runs in the benchmark's peers virtualenv, so matplotlib is no dependency of cars
 
     python plots.py results/benchmark.json
     # writes results/benchmark-time.png, -memory.png and -throughput.png
+    python plots.py --pss samples.json curve.png
+    # the PSS curve of the chaos soak (benchmarks/chaos.py): {"title", "samples": [[s, MB]...]}
 """
 
 from __future__ import annotations
@@ -58,7 +60,27 @@ def throughput(runs: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
+def pss_curve(source: Path, path: Path) -> None:
+    data = json.loads(source.read_text())
+    seconds, megabytes = zip(*data["samples"], strict=True)
+    figure, axes = plt.subplots(figsize=(9, 4))
+    axes.plot(seconds, megabytes, linewidth=1)
+    middle = seconds[len(seconds) // 2]
+    axes.axvline(middle, color="grey", linestyle=":", label="first half | second half")
+    axes.set_xlabel("seconds since the sync started")
+    axes.set_ylabel("PSS of carsync's processes, MB")
+    axes.set_ylim(bottom=0)
+    axes.set_title(data["title"])
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def main() -> None:
+    if sys.argv[1] == "--pss":
+        pss_curve(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
     source = Path(sys.argv[1])
     results = json.loads(source.read_text())
     runs = tools(results)

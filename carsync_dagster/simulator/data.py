@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import json
 import random
 import time
 from array import array
@@ -158,8 +159,51 @@ BROKEN: tuple[tuple[str, bool], ...] = (
 )  # fmt: skip
 
 
-def _break(kind: int, rec: dict[str, Any], cid: str, i: int) -> Any:
+# Pathological kinds (--pathological N): values no sane source sends, each breaking one rule.
+PATHOLOGICAL: tuple[tuple[str, bool], ...] = (
+    ("year", True),  # a 5 MB string
+    ("mileage", True),  # mileage.value a list nested 500 deep
+    ("mileage", True),  # mileage.unit "km" and a NUL character
+    ("record", False),  # the item is `true`, not an object
+    ("year", True),  # 2**70, an integer past 64 bits
+    ("price", True),  # -(2**64 + 1)
+)  # fmt: skip
+KINDS = BROKEN + PATHOLOGICAL
+
+
+def _pathological(kind: int, rec: dict[str, Any], as_stored: bool) -> Any:
+    """`as_stored`: as cars_rejected.raw keeps it (jsonb holds no NUL: U+FFFD instead)."""
+    if kind == 0:
+        rec["year"] = "x" * 5_000_000
+    elif kind == 1:
+        nested: Any = 1
+        for _ in range(500):
+            nested = [nested]
+        rec["mileage"]["value"] = nested
+    elif kind == 2:
+        rec["mileage"]["unit"] = "km\ufffd" if as_stored else "km\x00"
+    elif kind == 3:
+        return True
+    elif kind == 4:
+        rec["year"] = 2**70
+    else:
+        rec["price"]["amount"] = -(2**64 + 1)
+    return rec
+
+
+def dumps(value: Any) -> bytes:
+    """orjson, or the standard library for what orjson refuses (integers past 64 bits,
+    nesting deeper than 254)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _break(kind: int, rec: dict[str, Any], cid: str, i: int, as_stored: bool = False) -> Any:
     """Spoil one rule of a valid record (and only that one)."""
+    if kind >= len(BROKEN):
+        return _pathological(kind - len(BROKEN), rec, as_stored)
     if kind >= 15:
         return (cid, i, None, [cid, "withdrawn"])[kind - 15]
     if kind < 4:
@@ -188,11 +232,16 @@ def _break(kind: int, rec: dict[str, Any], cid: str, i: int) -> Any:
 class Store:
     """All listings, live or deleted, and the operations the API and control endpoints need."""
 
-    def __init__(self, cars: int, seed: int, broken_rate: float) -> None:
+    def __init__(self, cars: int, seed: int, broken_rate: float, pathological: int = 0) -> None:
         self.n0 = cars
         base = mix(seed & MASK)
         self.k_car, self.k_time, self.k_ver, self.k_broken = (mix(base ^ s) for s in range(1, 5))
         self.broken_ppm = round(broken_rate * 1_000_000)
+        # Listing index → pathological kind: spread evenly over the feed, the kinds in turn.
+        count = min(pathological, cars)
+        self.pathological = {
+            (2 * k + 1) * cars // (2 * count): k % len(PATHOLOGICAL) for k in range(count)
+        }
         self.live = array("q", range(cars))  # sorted live indices: newest listing last
         self.alive = bytearray(b"\x01") * cars
         self.updated = array("q", bytes(8 * cars))  # 0: unchanged since start, see _initial_times
@@ -231,7 +280,11 @@ class Store:
 
     def broken_kind(self, i: int) -> int:
         """-1 for a valid listing; listings inserted after start are always valid."""
-        if i >= self.n0 or not self.broken_ppm:
+        if i >= self.n0:
+            return -1
+        if (odd := self.pathological.get(i)) is not None:
+            return len(BROKEN) + odd
+        if not self.broken_ppm:
             return -1
         h = mix(self.k_broken ^ i)
         if h % 1_000_000 >= self.broken_ppm or i in self.fixed:
@@ -253,8 +306,8 @@ class Store:
         rec, row = self._build(i, kind < 0)
         if row is not None:
             return True, row
-        field, keeps_id = BROKEN[kind]
-        raw = _break(kind, rec, car_id(i), i)
+        field, keeps_id = KINDS[kind]
+        raw = _break(kind, rec, car_id(i), i, as_stored=True)
         return False, {"id": car_id(i) if keeps_id else None, "field": field, "raw": raw}
 
     def _build(self, i: int, want_truth: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -535,7 +588,9 @@ class Store:
                 [
                     i
                     for i in range(self.n0 if ppm else 0)
-                    if (h := mix(k ^ i)) % 1_000_000 < ppm and BROKEN[(h >> 32) % kinds][1]
+                    if (h := mix(k ^ i)) % 1_000_000 < ppm
+                    and BROKEN[(h >> 32) % kinds][1]
+                    and i not in self.pathological
                 ],
             )
         return self._fixable
@@ -594,6 +649,6 @@ class Store:
                 ok, row = snap.truth(i)
                 (cars if ok else rejected).append(row)
             if cars:
-                yield sep + orjson.dumps(cars)[1:-1]
+                yield sep + dumps(cars)[1:-1]
                 sep = b","
-        yield b'],"rejected":%s,"deleted":%s}' % (orjson.dumps(rejected), orjson.dumps(gone))
+        yield b'],"rejected":%s,"deleted":%s}' % (dumps(rejected), orjson.dumps(gone))

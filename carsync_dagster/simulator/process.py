@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import re
 import secrets
 import subprocess
 import sys
@@ -19,6 +21,8 @@ import orjson
 from .server import KEY_ENV
 
 LISTENING = "carsync simulator listening on "
+# 20 digits or more: an integer that may be past 64 bits, which orjson reads as a float.
+_BIG_INTEGER = re.compile(rb"[0-9]{20}")
 START_TIMEOUT = 20.0
 
 
@@ -38,7 +42,12 @@ class SimulatorControl:
 
     def truth(self) -> dict[str, list[Any]]:
         """{"cars": expected rows, "rejected": expected rejections, "deleted": gone ids}."""
-        result: dict[str, list[Any]] = self._call("GET", "/_sim/truth")
+        response = self._client.get("/_sim/truth")
+        response.raise_for_status()
+        body = response.content
+        result: dict[str, list[Any]] = (
+            json.loads(body) if _BIG_INTEGER.search(body) else orjson.loads(body)
+        )
         return result
 
     def mutate(

@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, quote
 
 import orjson
 
-from .data import Store, mix
+from .data import Store, dumps, mix
 from .faults import Faults, Stats, TokenBucket
 
 KEY_ENV = "CARSYNC_SIMULATOR_KEY"
@@ -240,7 +240,7 @@ class SimulatorApp:
             found, record = self.store.get(path[len("/cars/") :])
             if not found:
                 return await send_json(send, 404, {"error": "no such listing"})
-            body = orjson.dumps(record)
+            body = dumps(record)
         else:
             body = self._page(*query)
         if truncate:
@@ -275,7 +275,7 @@ class SimulatorApp:
             return orjson.dumps({"meta": meta})
         if broken == "not_json":
             return b'{"data": [{"id": '
-        body = orjson.dumps({"data": data, "meta": meta})
+        body = dumps({"data": data, "meta": meta})
         if broken == "bad_utf8" and data:
             # The first record's first string value gets a byte that no UTF-8 text holds.
             start = body.index(b'":"', body.index(b'"data":[{')) + 3
@@ -381,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cars", type=count, default=200_000, help="listings at start")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--broken-rate", type=fraction, default=0.005, help="share of broken records")
+    p.add_argument(
+        "--pathological", type=count, default=0,
+        help="listings served with a pathological value (5 MB string, 500-deep nesting, NUL,"
+        " an item that is not an object, integers past 64 bits), each kind in turn",
+    )  # fmt: skip
     p.add_argument("--rate-limit", type=_number(float, 0), default=0.0, help="requests/s, 0 = off")
     p.add_argument("--burst", type=_number(int, 1), default=10, help="token bucket size")
     p.add_argument("--overload-429", type=fraction, default=0.0, help="share answered 429")
@@ -426,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     faults.fault_seed = (
         args.fault_seed if args.fault_seed is not None else mix(args.seed ^ 0xFA) % 2**31
     )
-    store = Store(args.cars, args.seed, args.broken_rate)
+    store = Store(args.cars, args.seed, args.broken_rate, args.pathological)
     app = SimulatorApp(store, faults, os.environ.get(KEY_ENV, DEFAULT_KEY))
 
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
