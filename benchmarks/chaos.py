@@ -290,20 +290,23 @@ def postgres_restart(ctx: Context, seed: int, mode: str) -> dict[str, Any]:
 
 
 def poison_page(ctx: Context, how: str) -> dict[str, Any]:
-    """3: a page 60% into the feed stays broken (server.BREAKAGES): every good record merged;
+    """3: a page 60% into the feed stays broken (server.BREAKAGES): every good record of the
+    other listing ranges merged;
     for a page without records (no_data, not_json) one line naming the page and its listing
     range, exit non-zero; a record that is not UTF-8 is quarantined and the sync succeeds."""
     verdict = Verdict()
     page = max(1, int(pages(ctx.cars) * 0.6))
-    first, last = (page - 1) * PAGE_SIZE + 1, min(page * PAGE_SIZE, ctx.cars)
+    first = (page - 1) * PAGE_SIZE + 1
     keys = ranges(ctx.cars)
     key = keys[(first - 1) // partition_size(ctx.cars)]
     with ctx.fresh(f"poison_{how}", "--broken-rate", "0") as (sim, run):
         sim.control.break_pages({page: how})
         ended = run_sync(run, settings(run, ctx.cars, CARSYNC_MAX_ATTEMPTS="3"), ctx.cars)
         truth = sim.control.truth()
-        # Position p of the feed (1 = newest) is listing number cars - p.
-        bad = {car_id(ctx.cars - p) for p in range(first, last + 1)}
+        # Position p of the feed (1 = newest) is listing number cars - p. A page that stays
+        # broken costs its listing range (the self-healing issue's rule), nothing more.
+        first_of_range, last_of_range = listing_range(key)
+        bad = {car_id(ctx.cars - p) for p in range(first_of_range, last_of_range + 1)}
         if how == "bad_utf8":
             bad = {car_id(ctx.cars - first)}  # its first string, the id, has the bad bytes
             verdict.exited(ended, 0, "a sync meeting a record that is not UTF-8")
@@ -327,7 +330,6 @@ def poison_page(ctx: Context, how: str) -> dict[str, Any]:
             )
         good = {car["id"] for car in truth["cars"]} - bad
         stored = {row[0] for row in run.query("SELECT id FROM carsync.cars")}
-        first_of_range, last_of_range = listing_range(key)
         in_range = good - stored & {
             car_id(ctx.cars - p) for p in range(first_of_range, last_of_range + 1)
         }
