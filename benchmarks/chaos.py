@@ -63,7 +63,7 @@ _UNSAFE = re.compile(
     r"ALTER TABLE)\b"
 )
 _INTERRUPTED = re.compile(
-    r"interrupted: (\d+) of (\d+) listing ranges landed; run carsync sync again to resume"
+    r"interrupted: (\d+) of (\d+) listing ranges merged; run carsync sync again to resume"
 )
 
 
@@ -402,7 +402,8 @@ def pathological(ctx: Context, count: int = PATHOLOGICAL) -> dict[str, Any]:
 
 def interrupted(ctx: Context, seed: int, name: str) -> dict[str, Any]:
     """6: SIGINT or SIGTERM mid-sync: exit 130 or 143 with one line saying how many listing
-    ranges landed; the next `carsync sync` resumes (fewer pages than a sync) and is exact."""
+    ranges were merged (in the warehouse, checkpointed); the next `carsync sync` resumes (fewer
+    pages than a sync) and is exact."""
     sig = signal.Signals[name]
     rng, verdict, total = random.Random(seed), Verdict(), len(ranges(ctx.cars))
     after = rng.randint(max(1, total // 4), max(1, total // 2))
@@ -414,14 +415,24 @@ def interrupted(ctx: Context, seed: int, name: str) -> dict[str, Any]:
         if reached:
             sync.process.send_signal(sig)
         ended = sync.wait(timeout(ctx.cars))
-        landed = run.landed()
+        merged = run.query("SELECT count(*) FROM carsync.sync_partitions")[0][0]
         verdict.exited(ended, 128 + sig, f"a sync sent {name}")
         line = verdict.one_line(ended, f"a sync sent {name}")
         said = _INTERRUPTED.search(line)
         verdict.expect(
-            said is not None and (int(said[1]), int(said[2])) == (landed, total),
-            f"the line does not say `interrupted: {landed} of {total} listing ranges landed;"
+            said is not None and (int(said[1]), int(said[2])) == (merged, total),
+            f"the line does not say `interrupted: {merged} of {total} listing ranges merged;"
             f" run carsync sync again to resume`: {line!r}",
+        )
+        status = subprocess.run(
+            [run.carsync, "status", "--json"], env=env, cwd=run.folder, capture_output=True,
+            text=True, timeout=120, check=False,
+        )  # fmt: skip
+        failed = len(json.loads(status.stdout or "{}").get("failed_listing_ranges", []))
+        verdict.expect(
+            failed == total - merged,
+            f"carsync status lists {failed} listing ranges failed, not the {total - merged} "
+            "left unmerged",
         )
         sim.control.reset_stats()
         resumed = run_sync(run, env, ctx.cars)
@@ -435,8 +446,8 @@ def interrupted(ctx: Context, seed: int, name: str) -> dict[str, Any]:
         wrong = verdict.exact(sim, run)
     return verdict.outcome(
         seed=seed, signal=name, sent_after_ranges=after, exit=ended.code, stderr_line=line,
-        ranges_landed=landed, ranges=total, next_sync_pages=spent, one_sync_pages=pages(ctx.cars),
-        rows_wrong=wrong,
+        ranges_merged=merged, ranges=total, status_failed=failed, next_sync_pages=spent,
+        one_sync_pages=pages(ctx.cars), rows_wrong=wrong,
     )  # fmt: skip
 
 

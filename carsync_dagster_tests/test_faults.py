@@ -1,6 +1,7 @@
 """Faults of the world, as `carsync sync` meets them: an API that is not there, pages that stay
-broken, a person stopping the sync. Each ends in one line that says what and where, never a
-traceback. Real processes, the real simulator, real PostgreSQL."""
+broken; and the pieces a stopped sync relies on. Each ends in one line that says what and where,
+never a traceback. Real processes, the real simulator, real PostgreSQL. (A sync stopped by a
+signal, a PostgreSQL restart and kill -9 are the chaos scenarios: test_chaos.py.)"""
 
 from __future__ import annotations
 
@@ -10,13 +11,10 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import psycopg
 import pytest
 
 from carsync_dagster import interrupts
@@ -25,7 +23,6 @@ from carsync_dagster.source.client import ListingsClient
 from carsync_dagster.source.errors import ApiAuthError
 from carsync_dagster.source.extract import PartitionPages, fetch_partitions
 from carsync_dagster_tests.conftest import carsync_env, run_carsync
-from carsync_dagster_tests.warehouse_truth import differences
 
 
 def _free_port() -> int:
@@ -78,66 +75,6 @@ def test_pages_that_stay_broken_end_the_sync_and_name_the_page(
         failure[0],
     ), failure[0]
     assert json.loads(result.stdout.strip().splitlines()[-1])["partitions_failed"] == 3
-
-
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_stops_the_sync_keeping_what_it_merged(
-    stop: signal.Signals, database_url: str, tmp_path: Path
-) -> None:
-    with start_simulator(
-        cars=20_000, seed=6, args=["--broken-rate", "0", "--latency-ms", "30"]
-    ) as sim:
-        env = carsync_env(
-            tmp_path, database_url, sim, CARSYNC_PAGE_SIZE="100", CARSYNC_PARTITION_SIZE="1000",
-            CARSYNC_CONCURRENCY="4",
-        )  # fmt: skip
-        sim.control.reset_stats()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "carsync_dagster", "sync"],
-            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        _wait_for_merged_ranges(database_url, process, at_least=2)
-        process.send_signal(stop)
-        _, stderr = process.communicate(timeout=120)
-        assert process.returncode == 128 + stop, stderr
-        assert "Traceback" not in stderr
-        last = _lines(stderr)[-1]
-        found = re.fullmatch(
-            r"carsync: interrupted: (\d+) of 20 listing ranges merged; "
-            r"run carsync sync again to resume",
-            last,
-        )
-        assert found, stderr
-        merged = int(found[1])
-        assert 2 <= merged < 20
-
-        status = run_carsync(["status", "--json"], env, tmp_path)
-        failed = json.loads(status.stdout)["failed_listing_ranges"]
-        assert len(failed) == 20 - merged, "the merged ranges show merged, not failed"
-
-        again = run_carsync(["sync", "--json"], env, tmp_path)
-        assert again.returncode == 0, again.stderr
-        summary = json.loads(again.stdout.strip().splitlines()[-1])
-        assert summary["partitions_resumed"] >= merged
-        assert differences(sim.control.truth(), database_url) == []
-        pages = sim.control.stats()["by_status"].get("200", 0)
-    assert pages <= 1.3 * 200, f"{pages} pages for a feed of 200"
-
-
-def _wait_for_merged_ranges(
-    database_url: str, process: subprocess.Popen[str], at_least: int
-) -> None:
-    deadline = time.monotonic() + 120
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        while True:
-            assert process.poll() is None, "the sync ended before it was stopped"
-            assert time.monotonic() < deadline
-            exists = conn.execute("SELECT to_regclass('carsync.sync_partitions')").fetchone()
-            if exists and exists[0] is not None:
-                row = conn.execute("SELECT count(*) FROM carsync.sync_partitions").fetchone()
-                if row and row[0] >= at_least:
-                    return
-            time.sleep(0.05)
 
 
 def test_deferred_signals_set_the_event_and_a_second_one_stops_at_once() -> None:
