@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import gc
 import hashlib
@@ -141,6 +142,7 @@ class PartitionFlow:
                         continue  # stopping anyway: the stop is the story (Ctrl+C in a shell
                         # also ends the bundled simulator, and every request then fails)
                     raise event.error
+                _give_back_freed_memory()  # a stage ended: what it held is free
                 if isinstance(event, PartitionFailed) or event.stage == self.stages.last:
                     pending.discard(event.key)
                     self.partitions_done += 1
@@ -343,6 +345,23 @@ def _rules_version() -> str:
     for name in sorted(entry.name for entry in code.iterdir() if entry.name.endswith(".py")):
         digest.update((code / name).read_bytes())
     return digest.hexdigest()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return trim
+
+
+def _give_back_freed_memory() -> None:
+    """A partition's frames and records were freed, but glibc keeps the pages in its arenas
+    (one per thread that allocated them): over a long sync the process would grow with them."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @contextlib.contextmanager
