@@ -256,6 +256,20 @@ def ui(
 ) -> None:
     """Serve the Dagster UI and daemon on the carsync instance and database."""
     settings = _settings(simulated=simulator)
+    stop = _StopSignals()
+    try:
+        code = _serve_ui(settings, host, port, stop)
+    except KeyboardInterrupt:
+        code = 1  # replaced by the signal's code below
+    finally:
+        stop.restore()
+    # Like a shell reports a job a signal ended: 130 after Ctrl+C (SIGINT), 143 after SIGTERM.
+    raise typer.Exit(128 + stop.received if stop.received else code)
+
+
+def _serve_ui(settings: Settings, host: str, port: int, stop: _StopSignals) -> int:
+    """Run `dagster dev` on the carsync environment until it exits or a signal stops it;
+    everything started on the way (simulator, embedded PostgreSQL) is stopped on the way out."""
     from carsync_dagster.runner import open_environment
 
     with open_environment(settings) as env:
@@ -270,23 +284,86 @@ def ui(
             sys.executable, "-m", "dagster", "dev",
             "-m", "carsync_dagster.definitions", "-h", host, "-p", str(port),
         ]  # fmt: skip
-        # Its own process group, so stopping `carsync ui` can end everything `dagster dev`
-        # started even when one of its servers ignores the polite request.
+        # A session of its own: a terminal's Ctrl+C reaches carsync alone, which then stops
+        # everything `dagster dev` started (its process group) even if a server ignores the
+        # polite request - and only once it is done with them.
         process = subprocess.Popen(command, env={**os.environ, **env.env}, start_new_session=True)
-        signal.signal(signal.SIGTERM, _interrupt)
         try:
-            code = process.wait()
-        except KeyboardInterrupt:
-            process.send_signal(signal.SIGINT)
-            try:
-                code = process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                code = process.wait()
+            return _wait(process)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # servers dagster dev left behind
-    raise typer.Exit(code)
+            stop.hold()  # what follows must run to the end
+            _stop_dagster_dev(process)
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread, once, and not after
+    hold(): nothing must cut short carsync's stopping what it started. `received` is the first
+    signal's number."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._raise = True
+        self._saved = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if not self.received:
+            self.received = signum
+            if self._raise:
+                self._raise = False
+                raise KeyboardInterrupt
+
+    def hold(self) -> None:
+        self._raise = False
+
+    def restore(self) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+DAGSTER_DEV_GRACE = 20.0  # it stops its webserver, daemon and code servers in a few seconds
+GROUP_GRACE = 5.0  # what it left in its group (a run worker, say) gets SIGTERM first
+
+
+def _wait(process: subprocess.Popen[bytes]) -> int:
+    """Wait for `process` to exit, with signals still raising promptly.
+
+    The kernel may deliver a signal to any thread (the simulator's stdout reader, say); Python
+    then runs the handler only when the main thread next runs bytecode, which it never does
+    while blocked in waitpid(). A short sleep in a loop returns to it soon enough.
+    """
+    while (code := process.poll()) is None:
+        time.sleep(0.2)
+    return code
+
+
+def _stop_dagster_dev(process: subprocess.Popen[bytes]) -> None:
+    """Stop `dagster dev` as a terminal would (SIGINT: it stops its webserver, daemon and code
+    servers), then whatever is left in its process group: SIGTERM, and SIGKILL after a grace."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=DAGSTER_DEV_GRACE)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _group_alive(process.pid):
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        deadline = time.monotonic() + GROUP_GRACE
+        while _group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    process.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (zombies, awaiting their parent, don't)."""
+    import psutil
+
+    for proc in psutil.process_iter(["status"]):
+        with contextlib.suppress(ProcessLookupError, psutil.Error):
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+    return False
 
 
 @app.command()

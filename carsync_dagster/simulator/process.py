@@ -169,7 +169,9 @@ def start_simulator(
     """Start `python -m carsync_dagster.simulator` on a free loopback port and wait for it.
 
     `env` adds to (or overrides) this process's environment. The key only travels in the
-    child's environment. The child exits when this process dies, as its stdin pipe closes.
+    child's environment. The child exits when this process dies, as its stdin pipe closes. It
+    runs in a session of its own: a terminal's Ctrl+C goes to its whole foreground process group,
+    and the simulator must outlive it until this process, still using it, stops it.
     """
     key = api_key if api_key is not None else secrets.token_urlsafe(24)
     child_env = {**os.environ, **(env or {}), KEY_ENV: key}
@@ -188,7 +190,12 @@ def start_simulator(
     ]
     with tempfile.TemporaryFile() as stderr:  # the child keeps its own handle after start
         process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=child_env
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=child_env,
+            start_new_session=True,
         )
         assert process.stdout is not None
         lines: queue.Queue[str] = queue.Queue()
